@@ -1,0 +1,50 @@
+"""Bring rbee's actors up on a Ray cluster (idempotent: get them if they exist)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.config import Config
+from actors.download_actor import DownloadActor
+from actors.hive import Hive
+from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
+from actors.registry import JobRegistry
+
+
+def alive_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def ensure_cluster(config: Config) -> Any:
+    """Start (or find) the registry and a hive with its download actor on every alive node."""
+    for node in alive_nodes():
+        hive_id = hive_id_of(node["NodeID"])
+        on_node = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
+        common = {"namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
+        Hive.options(name=hive_name(hive_id), scheduling_strategy=on_node, **common).remote(
+            config, hive_id, node["NodeID"]
+        )
+        DownloadActor.options(
+            name=download_name(hive_id), scheduling_strategy=on_node, **common
+        ).remote(config)
+    registry = JobRegistry.options(
+        name=REGISTRY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(config)
+    ray.get(registry.ready.remote())
+    return registry
+
+
+def shutdown_cluster() -> None:
+    """Kill rbee's detached actors (the registry first, so no job starts meanwhile)."""
+    names = [REGISTRY]
+    for node in alive_nodes():
+        hive_id = hive_id_of(node["NodeID"])
+        names += [hive_name(hive_id), download_name(hive_id)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:
+            pass

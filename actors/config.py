@@ -1,0 +1,114 @@
+"""rbee's configuration: read once at start-up (YAML, then ``RBEE_*`` env vars, then flags)
+into typed values that are passed down. Nothing reads the environment at import time."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+PUBLIC_HUB = "https://huggingface.co"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HubConfig(_Section):
+    endpoint: str = PUBLIC_HUB
+    token: SecretStr | None = None  #: never logged: SecretStr prints as '**********'
+
+
+class DownloadConfig(_Section):
+    concurrency: int = Field(default=4, ge=1, le=64)  #: downloads running at once per hive
+    bandwidth_limit_bps: int | None = Field(default=None, ge=1)  #: shared by a hive's downloads
+    parallel_min_size: int = Field(default=64 << 20, ge=1)  #: files this big use range requests
+    segments: int = Field(default=4, ge=1, le=32)
+    retries: int = Field(default=3, ge=0, le=20)
+    heartbeat_s: float = Field(default=0.5, gt=0, le=1.0)  #: progress at least this often
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=7835, ge=0, le=65535)
+    api_token: SecretStr | None = None
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    keepalive_s: float = Field(default=15.0, gt=0)
+
+
+class Config(_Section):
+    hub: HubConfig = HubConfig()
+    cache_dir: Path = Field(default_factory=lambda: default_cache_dir({}))
+    state_dir: Path | None = None
+    downloads: DownloadConfig = DownloadConfig()
+    server: ServerConfig = ServerConfig()
+    preload: list[str] = Field(default_factory=list)
+    engine: dict[str, Any] = Field(default_factory=dict)
+    max_events_per_job: int = Field(default=10_000, ge=16)
+    cancel_cleanup_s: float = Field(default=3.0, gt=0)
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str | None = None,
+        env: Mapping[str, str] | None = None,
+        **overrides: Any,
+    ) -> Config:
+        """YAML file (``path`` or ``RBEE_CONFIG``), then env vars, then keyword overrides."""
+        env = os.environ if env is None else env
+        path = path or env.get("RBEE_CONFIG")
+        data: dict[str, Any] = {}
+        if path:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: the config must be a mapping")
+            data = loaded
+        data.setdefault("cache_dir", default_cache_dir(env))
+        _apply_env(data, env)
+        for key, value in overrides.items():
+            section, _, name = key.partition("__")
+            if name:
+                data.setdefault(section, {})[name] = value
+            else:
+                data[key] = value
+        return cls.model_validate(data)
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """The standard Hugging Face hub cache, so other tools see what rbee downloaded."""
+    if env.get("HF_HUB_CACHE"):
+        return Path(env["HF_HUB_CACHE"]).expanduser()
+    hf_home = env.get("HF_HOME") or os.path.join(
+        env.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "huggingface"
+    )
+    return Path(hf_home).expanduser() / "hub"
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    hub = data.setdefault("hub", {})
+    endpoint = env.get("RBEE_HUB_ENDPOINT") or (
+        None if "endpoint" in hub else env.get("HF_ENDPOINT")
+    )
+    if endpoint:
+        hub["endpoint"] = endpoint.rstrip("/")
+    token = env.get("RBEE_HUB_TOKEN") or (None if "token" in hub else env.get("HF_TOKEN"))
+    if token:
+        hub["token"] = token
+    if env.get("RBEE_CACHE_DIR"):
+        data["cache_dir"] = env["RBEE_CACHE_DIR"]
+    if env.get("RBEE_STATE_DIR"):
+        data["state_dir"] = env["RBEE_STATE_DIR"]
+    server = data.setdefault("server", {})
+    if env.get("RBEE_API_TOKEN"):
+        server["api_token"] = env["RBEE_API_TOKEN"]
+    downloads = data.setdefault("downloads", {})
+    for var, key in (
+        ("RBEE_DOWNLOAD_CONCURRENCY", "concurrency"),
+        ("RBEE_BANDWIDTH_LIMIT_BPS", "bandwidth_limit_bps"),
+    ):
+        if env.get(var):
+            downloads[key] = int(env[var])

@@ -1,0 +1,51 @@
+"""``DownloadActor``: one per hive node; pulls models into that node's cache."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import ray
+
+from actors.config import Config
+from actors.downloads import ModelDownloads
+from actors.events import Event
+from actors.operations import ModelDownload
+from actors.transfer import BandwidthLimiter, Downloader
+from actors.vendors import HfVendor, UrlVendor
+
+
+@ray.remote(num_cpus=0, max_concurrency=1000)
+class DownloadActor:
+    def __init__(self, config: Config) -> None:
+        cfg = config.downloads
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(30.0, read=60.0),
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
+            follow_redirects=True,
+        )
+        downloader = Downloader(
+            self._client,
+            limiter=BandwidthLimiter(cfg.bandwidth_limit_bps),
+            parallel_min_size=cfg.parallel_min_size,
+            segments=cfg.segments,
+            retries=cfg.retries,
+        )
+        token = config.hub.token.get_secret_value() if config.hub.token else None
+        vendors = {
+            "hf": HfVendor(config.hub.endpoint, token, config.cache_dir),
+            "url": UrlVendor(self._client, config.cache_dir),
+        }
+        self._downloads = ModelDownloads(downloader, vendors, heartbeat_s=cfg.heartbeat_s)
+
+    async def run(
+        self, job_id: str, op: ModelDownload, correlation_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        async for event in self._downloads.run(job_id, op, correlation_id):
+            yield event
+
+    async def cancel(self, job_id: str) -> dict[str, float | None]:
+        return await self._downloads.cancel(job_id)
+
+    async def ready(self) -> bool:
+        return True

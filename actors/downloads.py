@@ -1,0 +1,163 @@
+"""A ``model_download`` job: plan with a vendor, move the bytes, link the snapshot, report.
+
+``ModelDownloads.run`` is an async generator of typed events; the ``DownloadActor`` exposes it
+as a Ray streaming call. Progress covers the whole job and comes at least every heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+
+from actors.downloads_progress import ProgressMeter
+from actors.errors import InvalidRequest
+from actors.events import Event, Narration, Progress, Result
+from actors.operations import ModelDownload
+from actors.transfer import Downloader
+from actors.vendors import DownloadPlan, PlannedFile, Vendor
+
+ACTOR = "download"
+_REMEMBER = 1000  #: finished jobs whose stats a late cancel may still ask for
+
+
+@dataclass
+class _Running:
+    task: asyncio.Task[None] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    last_write: float | None = None
+    cancelled_at: float | None = None
+
+
+class ModelDownloads:
+    """Runs download jobs on one node and cancels them on request."""
+
+    def __init__(
+        self,
+        downloader: Downloader,
+        vendors: Mapping[str, Vendor],
+        *,
+        heartbeat_s: float = 0.5,
+        files_at_once: int = 4,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._downloader = downloader
+        self._vendors = vendors
+        self._heartbeat_s = heartbeat_s
+        self._files_at_once = files_at_once
+        self._clock = clock
+        self._running: dict[str, _Running] = {}
+        self._finished: OrderedDict[str, _Running] = OrderedDict()
+
+    async def run(
+        self, job_id: str, op: ModelDownload, correlation_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        running = self._running.setdefault(job_id, _Running())
+        running.task = asyncio.current_task()
+        try:
+            async for event in self._run(running, op, correlation_id):
+                yield event
+        finally:
+            running.done.set()
+            self._finished[job_id] = self._running.pop(job_id, running)
+            while len(self._finished) > _REMEMBER:
+                self._finished.popitem(last=False)
+
+    async def cancel(self, job_id: str) -> dict[str, float | None]:
+        """Stop a job's transfer and wait until its partial files are gone.
+
+        Returns when the last byte was written relative to the cancel (seconds; negative
+        means before it), so callers can report and measure the guarantee. A cancel that
+        comes before the job started makes it stop as soon as it starts.
+        """
+        running = self._running.get(job_id) or self._finished.get(job_id)
+        if running is None:
+            running = self._running[job_id] = _Running()
+        if running.cancelled_at is None:
+            running.cancelled_at = self._clock()
+        if running.task is not None:
+            running.task.cancel()
+            await running.done.wait()
+        last = running.last_write
+        return {"last_write_after_cancel_s": None if last is None else last - running.cancelled_at}
+
+    async def _run(
+        self, running: _Running, op: ModelDownload, correlation_id: str | None
+    ) -> AsyncIterator[Event]:
+        def say(action: str, message: str) -> Narration:
+            return Narration(ACTOR, action, message, correlation_id=correlation_id)
+
+        if running.cancelled_at is not None:
+            raise asyncio.CancelledError
+        vendor = self._vendors.get(op.vendor)
+        if vendor is None:
+            raise InvalidRequest(f"unknown vendor {op.vendor!r}")
+        yield say("plan", f"resolving {op.model}@{op.revision} ({op.vendor})")
+        plan = await vendor.plan(op)
+        yield say(
+            "plan_ready",
+            f"{op.model}@{plan.commit[:12]}: {len(plan.files)} files, {plan.bytes_total} bytes",
+        )
+        meter = ProgressMeter(plan.bytes_total, clock=time.monotonic)
+        fetching = asyncio.create_task(self._fetch_all(plan, meter, running))
+        try:
+            while not fetching.done():
+                await asyncio.wait({fetching}, timeout=self._heartbeat_s)
+                yield _progress(meter)
+            fetching.result()
+        finally:
+            if not fetching.done():
+                fetching.cancel()
+                await asyncio.gather(fetching, return_exceptions=True)
+        for planned in plan.files:
+            plan.layout.link(plan.commit, planned.path, planned.etag)
+        plan.layout.write_ref(plan.revision, plan.commit)
+        final = _progress(meter)
+        yield final
+        yield say("done", f"{op.model}@{plan.commit[:12]} is in the cache")
+        yield Result(_result(plan, final))
+
+    async def _fetch_all(self, plan: DownloadPlan, meter: ProgressMeter, running: _Running) -> None:
+        slots = asyncio.Semaphore(self._files_at_once)
+
+        async def one(planned: PlannedFile) -> None:
+            async with slots:
+
+                def on_bytes(n: int) -> None:
+                    running.last_write = self._clock()
+                    meter.update(planned.path, n)
+
+                await self._downloader.fetch(planned.spec, on_bytes)
+                meter.finish(planned.path, planned.spec.size)
+
+        tasks = [asyncio.create_task(one(planned)) for planned in plan.files]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _progress(meter: ProgressMeter) -> Progress:
+    rate = meter.rate_bps()
+    return Progress(
+        bytes_done=meter.done,
+        bytes_total=meter.total,
+        rate_bps=round(rate, 1),
+        eta_s=meter.eta_s(rate),
+        file=meter.current_file,
+    )
+
+
+def _result(plan: DownloadPlan, final: Progress) -> dict[str, object]:
+    return {
+        "model": plan.model,
+        "revision": plan.revision,
+        "commit": plan.commit,
+        "path": str(plan.layout.snapshot(plan.commit)),
+        "files": [f.path for f in plan.files],
+        "bytes_total": final.bytes_total,
+    }

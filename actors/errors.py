@@ -1,0 +1,125 @@
+"""The one error hierarchy of rbee.
+
+Every error carries a stable ``code`` (the wire name of SPEC §4/§7) and says whether the
+caller may retry. All of them survive ``pickle`` because Ray ships them between processes::
+
+    RbeeError                      INTERNAL
+    ├── RequestError               (the caller's fault; never retriable)
+    │   ├── MalformedBody          INVALID_JSON        400
+    │   ├── Unauthorized           UNAUTHORIZED        401
+    │   ├── NotFound               NOT_FOUND           404
+    │   │   ├── JobNotFound        JOB_NOT_FOUND       404
+    │   │   ├── JobFinished        JOB_FINISHED        404 (nothing left to cancel)
+    │   │   └── ModelNotFound      MODEL_NOT_FOUND     404
+    │   ├── BodyTooLarge           BODY_TOO_LARGE      413
+    │   └── InvalidRequest         INVALID_REQUEST     422
+    │       └── UnsafePath         INVALID_REQUEST     422
+    ├── JobCancelled               CANCELLED
+    ├── DownloadFailed             DOWNLOAD_FAILED     (retriable unless the bytes were wrong)
+    │   └── IntegrityError         DOWNLOAD_FAILED     (checksum mismatch; fatal)
+    └── InternalError              INTERNAL
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class RbeeError(Exception):
+    """Base of every error rbee raises on purpose."""
+
+    code: str = "INTERNAL"
+    retriable: bool = False
+
+    def __init__(self, message: str = "", *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message or self.__class__.__name__
+        if retriable is not None:
+            self.retriable = retriable
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild, (type(self), self.message, self.retriable))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``error`` event payload of SPEC §4."""
+        return {"code": self.code, "message": self.message, "retriable": self.retriable}
+
+
+def _rebuild(cls: type[RbeeError], message: str, retriable: bool) -> RbeeError:
+    return cls(message, retriable=retriable)
+
+
+class RequestError(RbeeError):
+    """The request itself is wrong; sending it again will not help."""
+
+    code = "INVALID_REQUEST"
+
+
+class MalformedBody(RequestError):
+    code = "INVALID_JSON"
+
+
+class Unauthorized(RequestError):
+    code = "UNAUTHORIZED"
+
+
+class NotFound(RequestError):
+    code = "NOT_FOUND"
+
+
+class JobNotFound(NotFound):
+    code = "JOB_NOT_FOUND"
+
+
+class JobFinished(NotFound):
+    code = "JOB_FINISHED"
+
+
+class ModelNotFound(NotFound):
+    code = "MODEL_NOT_FOUND"
+
+
+class BodyTooLarge(RequestError):
+    code = "BODY_TOO_LARGE"
+
+
+class InvalidRequest(RequestError):
+    code = "INVALID_REQUEST"
+
+
+class UnsafePath(InvalidRequest):
+    """A model id, glob or file name that would leave the cache."""
+
+
+class JobCancelled(RbeeError):
+    code = "CANCELLED"
+
+
+class DownloadFailed(RbeeError):
+    """The transfer broke; the bytes on disk are kept, so a retry resumes."""
+
+    code = "DOWNLOAD_FAILED"
+    retriable = True
+
+
+class IntegrityError(DownloadFailed):
+    """The bytes did not match the checksum the hub gave; nothing was kept."""
+
+    retriable = False
+
+
+class InternalError(RbeeError):
+    code = "INTERNAL"
+
+
+def rbee_cause(exc: BaseException) -> RbeeError | None:
+    """Our error inside ``exc``: itself, or what Ray wrapped (``RayTaskError.cause``)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, RbeeError) and type(current).__module__ == __name__:
+            return current
+        seen.add(id(current))
+        nested = getattr(current, "cause", None)
+        current = nested if isinstance(nested, BaseException) else current.__cause__
+    return None

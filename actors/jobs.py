@@ -1,0 +1,186 @@
+"""Running jobs: a queue with per-operation concurrency limits, event fan-in, and cancel.
+
+``Jobs`` knows nothing of Ray. It asks a ``Backend`` to start an operation (an async iterator
+of typed events) and to stop it; the registry actor plugs in the Ray backend, tests can plug
+in anything that speaks the protocol.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, Protocol
+
+from actors.core import IllegalTransition, JobRecord, JobState, JobTable
+from actors.errors import InternalError, JobCancelled, JobNotFound, RbeeError, rbee_cause
+from actors.events import Error, Event, Narration
+
+log = logging.getLogger("rbee.jobs")
+
+ACTOR = "registry"
+
+
+class Backend(Protocol):
+    def start(self, record: JobRecord, op: Any) -> AsyncIterator[Event]:
+        """Begin the work; iterate for its events."""
+        ...
+
+    async def stop(self, record: JobRecord) -> dict[str, Any]:
+        """Stop running work and wait (briefly) until it has cleaned up."""
+        ...
+
+
+class Jobs:
+    def __init__(
+        self,
+        table: JobTable,
+        backend: Backend,
+        *,
+        limits: Mapping[str, int] | None = None,
+        cleanup_s: float = 3.0,
+        on_terminal: Callable[[JobRecord], None] | None = None,
+    ) -> None:
+        self.table = table
+        self._backend = backend
+        self._slots = {op: asyncio.Semaphore(n) for op, n in (limits or {}).items()}
+        self._cleanup_s = cleanup_s
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._cancels: dict[str, asyncio.Task[bool]] = {}
+        self._on_terminal = on_terminal
+
+    def submit(self, op: Any, request: dict[str, Any], correlation_id: str) -> JobRecord:
+        """Create the job and start driving it; returns at once."""
+        record = self.table.create(op.operation, request, correlation_id)
+        self._tasks[record.job_id] = asyncio.create_task(self._drive(record, op))
+        return record
+
+    def get(self, job_id: str) -> JobRecord:
+        record = self.table.get(job_id)
+        if record is None:
+            raise JobNotFound(f"no job {job_id!r}")
+        return record
+
+    async def cancel(self, job_id: str, correlation_id: str | None = None) -> bool:
+        """Cancel a queued or running job and wait until it is terminal.
+
+        True when this cancel ended the job; False when it was already terminal (or
+        finished on its own first). Concurrent cancels of one job share the same work.
+        """
+        record = self.table.get(job_id)
+        if record is None:
+            log.warning(
+                "cancel of unknown job %s", job_id, extra={"job_id": job_id, "cid": correlation_id}
+            )
+            raise JobNotFound(f"no job {job_id!r}")
+        if record.state.terminal:
+            return False
+        if job_id not in self._cancels:
+            self._cancels[job_id] = asyncio.create_task(self._cancel(record, correlation_id))
+        return await asyncio.shield(self._cancels[job_id])
+
+    async def _cancel(self, record: JobRecord, correlation_id: str | None) -> bool:
+        cid = correlation_id or record.correlation_id
+        accepted = time.monotonic()
+        record.cancel_requested = True
+        was = record.state
+        await self.table.emit(
+            record.job_id,
+            Narration(ACTOR, "cancel", f"cancel requested while {was.value}", correlation_id=cid),
+        )
+        detail = ""
+        if was is JobState.RUNNING:
+            try:
+                stats = await asyncio.wait_for(self._backend.stop(record), self._cleanup_s)
+                detail = _describe_stop(stats)
+            except TimeoutError:
+                detail = f"; cleanup did not confirm within {self._cleanup_s:g}s"
+            except Exception as exc:  # the worker may have died; the job still ends
+                detail = f"; stop failed: {exc!r}"
+        task = self._tasks.get(record.job_id)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if record.state.terminal:
+            return False
+        took_ms = (time.monotonic() - accepted) * 1000
+        await self.table.emit(
+            record.job_id,
+            Narration(
+                ACTOR,
+                "cancel_complete",
+                f"cancelled in {took_ms:.0f} ms{detail}",
+                correlation_id=cid,
+            ),
+        )
+        error = JobCancelled("cancelled on request")
+        await self.table.emit(record.job_id, Error(**error.to_dict()))
+        await self._finish(record, JobState.CANCELLED)
+        return True
+
+    async def _drive(self, record: JobRecord, op: Any) -> None:
+        slot = self._slots.get(record.operation)
+        try:
+            if slot is not None:
+                async with slot:
+                    await self._run(record, op)
+            else:
+                await self._run(record, op)
+        except asyncio.CancelledError:
+            if not record.cancel_requested:
+                raise
+        finally:
+            self._tasks.pop(record.job_id, None)
+
+    async def _run(self, record: JobRecord, op: Any) -> None:
+        if record.cancel_requested or record.state.terminal:
+            return
+        await self.table.transition(record.job_id, JobState.RUNNING)
+        failed: dict[str, Any] | None = None
+        try:
+            async for event in self._backend.start(record, op):
+                if isinstance(event, Error):
+                    failed = {"code": event.code}
+                await self.table.emit(record.job_id, event)
+        except asyncio.CancelledError:
+            raise
+        except RbeeError as exc:
+            if record.cancel_requested:
+                return
+            failed = exc.to_dict()
+            await self.table.emit(record.job_id, Error(**failed))
+        except Exception as exc:
+            if record.cancel_requested:
+                return
+            failed = _unexpected(exc)
+            await self.table.emit(record.job_id, Error(**failed))
+        if record.cancel_requested:
+            return
+        await self._finish(record, JobState.FAILED if failed else JobState.COMPLETED)
+
+    async def _finish(self, record: JobRecord, state: JobState) -> None:
+        try:
+            await self.table.transition(record.job_id, state)
+        except IllegalTransition:
+            return
+        self._cancels.pop(record.job_id, None)
+        if self._on_terminal is not None:
+            self._on_terminal(record)
+
+
+def _unexpected(exc: Exception) -> dict[str, Any]:
+    cause = rbee_cause(exc)
+    if cause is not None:
+        return cause.to_dict()
+    log.error("job failed unexpectedly", exc_info=exc)
+    inner = getattr(exc, "cause", None) or exc
+    first_line = (str(inner).strip().splitlines() or [""])[0][:500]
+    return InternalError(f"{type(inner).__name__}: {first_line}").to_dict()
+
+
+def _describe_stop(stats: dict[str, Any]) -> str:
+    last = stats.get("last_write_after_cancel_s")
+    if last is None:
+        return ""
+    return f"; last byte written {last * 1000:.0f} ms after the cancel"

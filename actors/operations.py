@@ -1,0 +1,134 @@
+"""The operations a client can submit (SPEC §3), validated strictly: unknown fields are refused."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+from actors.errors import InvalidRequest, UnsafePath
+
+_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def check_model_id(model: str) -> str:
+    """``org/name`` with nothing that could leave the cache (``..``, ``/`` at either end, NUL)."""
+    if not _MODEL_ID.match(model) or ".." in model:
+        raise UnsafePath(f"model id must look like 'org/name', got {model!r}")
+    return model
+
+
+def check_relative_path(path: str, what: str = "file name") -> str:
+    """A path inside a repository: relative, no ``..`` part, no NUL, no backslash."""
+    parts = path.split("/")
+    if (
+        not path
+        or "\x00" in path
+        or "\\" in path
+        or path.startswith("/")
+        or any(part in ("", ".", "..") for part in parts)
+    ):
+        raise UnsafePath(f"{what} {path!r} would leave the model's folder")
+    return path
+
+
+class _Op(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    hive_id: str | None = Field(default=None, max_length=128)
+
+
+class ModelDownload(_Op):
+    operation: Literal["model_download"]
+    model: str
+    revision: str = Field(default="main", min_length=1, max_length=256)
+    files: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
+        default=None, max_length=256
+    )
+    vendor: Literal["hf", "url"] = "hf"
+    url: str | None = Field(default=None, max_length=4096)
+
+    _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, v: str) -> str:
+        if "\x00" in v or ".." in v or v.startswith("/") or "\\" in v:
+            raise UnsafePath(f"revision {v!r} is not a branch, tag or commit")
+        return v
+
+    @field_validator("files")
+    @classmethod
+    def _globs(cls, v: list[str] | None) -> list[str] | None:
+        for glob in v or ():
+            check_relative_path(glob, "files glob")
+        return v
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("url must be an http(s) address")
+        return v
+
+
+class ModelList(_Op):
+    operation: Literal["model_list"]
+
+
+class ModelGet(_Op):
+    operation: Literal["model_get"]
+    model: str
+    _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
+
+
+class ModelDelete(_Op):
+    operation: Literal["model_delete"]
+    model: str
+    _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
+
+
+class HiveList(_Op):
+    operation: Literal["hive_list"]
+
+
+class HiveStatus(_Op):
+    operation: Literal["hive_status"]
+
+
+Operation = Annotated[
+    ModelDownload | ModelList | ModelGet | ModelDelete | HiveList | HiveStatus,
+    Field(discriminator="operation"),
+]
+
+_adapter: TypeAdapter[Any] = TypeAdapter(Operation)
+
+
+def parse_operation(body: object) -> Operation:
+    """Validate a request body into an operation, or raise ``InvalidRequest``."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object with an 'operation' field")
+    try:
+        return _adapter.validate_python(body)  # type: ignore[no-any-return]
+    except UnsafePath:
+        raise
+    except ValidationError as exc:
+        for err in exc.errors():
+            cause = (err.get("ctx") or {}).get("error")
+            if isinstance(cause, UnsafePath):
+                raise UnsafePath(cause.message) from None
+        raise InvalidRequest(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+OPERATION_NAMES = frozenset(
+    cls.model_fields["operation"].annotation.__args__[0]  # type: ignore[union-attr]
+    for cls in (ModelDownload, ModelList, ModelGet, ModelDelete, HiveList, HiveStatus)
+)

@@ -1,0 +1,235 @@
+"""The Starlette ingress: jobs, their live event streams, and cancel (SPEC §3-5, §7)."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from actors.config import Config
+from actors.core import JobState
+from actors.errors import (
+    BodyTooLarge,
+    InvalidRequest,
+    JobFinished,
+    MalformedBody,
+    RbeeError,
+    Unauthorized,
+    rbee_cause,
+)
+from actors.operations import OPERATION_NAMES
+from serve_app import sse
+from serve_app.errors import EXCEPTION_HANDLERS
+
+log = logging.getLogger("rbee.http")
+
+CID_HEADER = "x-correlation-id"
+_CID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_TERMINAL = {s.value for s in JobState if s.terminal}
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def remote(ref: Any) -> Any:
+    """Await a Ray call; our errors raised inside an actor come back as themselves."""
+    try:
+        return await ref
+    except Exception as exc:
+        cause = rbee_cause(exc)
+        if cause is not None and cause is not exc:
+            raise cause from None
+        raise
+
+
+class Api:
+    """The routes, bound to one registry handle and one config."""
+
+    def __init__(self, config: Config, registry: Any) -> None:
+        self.config = config
+        self.registry = registry
+        token = config.server.api_token
+        self._token = token.get_secret_value().encode() if token else None
+
+    def routes(self) -> list[Route]:
+        guard = self._guard
+        return [
+            Route("/health", self.health, methods=["GET"]),
+            Route("/v1/jobs", guard(self.submit), methods=["POST"]),
+            Route("/v1/jobs", guard(self.list_jobs), methods=["GET"]),
+            Route("/v1/jobs/{job_id}", guard(self.get_job), methods=["GET"]),
+            Route("/v1/jobs/{job_id}", guard(self.delete_job), methods=["DELETE"]),
+            Route("/v1/jobs/{job_id}/stream", guard(self.stream), methods=["GET"]),
+            Route("/v1/jobs/{job_id}/cancel", guard(self.cancel_job), methods=["POST"]),
+            Route("/cancel", guard(self.cancel_body), methods=["POST"]),
+        ]
+
+    def _guard(self, handler: Handler) -> Handler:
+        if self._token is None:
+            return handler
+        expected = b"Bearer " + self._token
+
+        async def guarded(request: Request) -> Response:
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
+            return await handler(request)
+
+        return guarded
+
+    async def health(self, request: Request) -> Response:
+        await remote(self.registry.ready.remote())
+        return JSONResponse({"status": "ok"})
+
+    async def submit(self, request: Request) -> Response:
+        body = await read_json(request, self.config.server.max_body_bytes)
+        record = await remote(self.registry.submit.remote(body, correlation_id(request)))
+        job_id = record["job_id"]
+        return JSONResponse(
+            {"job_id": job_id, "sse_url": f"/v1/jobs/{job_id}/stream", "state": record["state"]},
+            201,
+            headers={"Location": f"/v1/jobs/{job_id}"},
+        )
+
+    async def list_jobs(self, request: Request) -> Response:
+        q = request.query_params
+        state, operation = q.get("state") or None, q.get("operation") or None
+        if state is not None and state not in {s.value for s in JobState}:
+            raise InvalidRequest(f"state must be one of {[s.value for s in JobState]}")
+        if operation is not None and operation not in OPERATION_NAMES:
+            raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
+        try:
+            limit = int(q.get("limit", "100"))
+        except ValueError:
+            raise InvalidRequest("limit must be an integer") from None
+        if not 1 <= limit <= 10_000:
+            raise InvalidRequest("limit must be between 1 and 10000")
+        jobs = await remote(self.registry.jobs.remote(state, operation, limit))
+        return JSONResponse({"jobs": jobs})
+
+    async def get_job(self, request: Request) -> Response:
+        return JSONResponse(await remote(self.registry.job.remote(request.path_params["job_id"])))
+
+    async def delete_job(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        ended = await remote(self.registry.cancel.remote(job_id, correlation_id(request)))
+        if not ended:
+            raise JobFinished(f"job {job_id!r} had already finished")
+        return JSONResponse({"job_id": job_id, "status": "cancelled"})
+
+    async def cancel_job(self, request: Request) -> Response:
+        return await self._cancel_soon(request.path_params["job_id"], request)
+
+    async def cancel_body(self, request: Request) -> Response:
+        body = await read_json(request, self.config.server.max_body_bytes)
+        job_id = body.get("job_id") if isinstance(body, dict) else None
+        if not isinstance(job_id, str) or not job_id.strip():
+            raise InvalidRequest("'job_id' must be a non-empty string")
+        return await self._cancel_soon(job_id, request)
+
+    async def _cancel_soon(self, job_id: str, request: Request) -> Response:
+        await remote(self.registry.request_cancel.remote(job_id, correlation_id(request)))
+        return JSONResponse({"job_id": job_id, "status": "cancelling"}, 202)
+
+    async def stream(self, request: Request) -> Response:
+        job_id = request.path_params["job_id"]
+        await remote(self.registry.job.remote(job_id))
+        after = _last_event_id(request)
+        return StreamingResponse(
+            self._events(job_id, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def _events(self, job_id: str, after: int) -> AsyncIterator[str]:
+        page = 1000
+        while True:
+            events, state = await remote(
+                self.registry.events.remote(job_id, after, self.config.server.keepalive_s)
+            )
+            if events:
+                yield "".join(sse.event(seq, kind, data) for seq, kind, data in events)
+                after = events[-1][0]
+            elif state not in _TERMINAL:
+                yield sse.KEEPALIVE
+            if state in _TERMINAL and len(events) < page:
+                record = await remote(self.registry.job.remote(job_id))
+                yield sse.sentinel(state, record["error"])
+                return
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body as JSON, refusing bodies over ``limit`` bytes before reading them."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the body is over the {limit}-byte limit")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+
+
+def correlation_id(request: Request) -> str:
+    return str(request.scope.get("state", {}).get("correlation_id") or new_correlation_id())
+
+
+def new_correlation_id() -> str:
+    return f"cid-{uuid.uuid4().hex[:16]}"
+
+
+def _last_event_id(request: Request) -> int:
+    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit():
+        raise InvalidRequest("Last-Event-ID must be a non-negative integer")
+    return int(raw)
+
+
+class CorrelationIds:
+    """Takes ``X-Correlation-Id`` from the request (or makes one) and echoes it on the response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(CID_HEADER.encode(), b"").decode("latin-1")
+        cid = given if _CID_OK.match(given) else new_correlation_id()
+        scope.setdefault("state", {})["correlation_id"] = cid
+
+        async def send_with_cid(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (CID_HEADER.encode(), cid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_cid)
+
+
+def build_app(config: Config, registry: Any) -> ASGIApp:
+    app = Starlette(
+        routes=Api(config, registry).routes(),
+        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+    )
+    return CorrelationIds(app)
+
+
+__all__ = ["Api", "RbeeError", "build_app", "read_json"]

@@ -1,0 +1,75 @@
+"""Start and stop a whole hive from Python: Ray, rbee's actors and the Serve app.
+
+Used by ``rbee serve``, the tests and the benchmarks, so all three run the same thing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+
+from actors.cluster import shutdown_cluster
+from actors.config import Config
+from actors.naming import NAMESPACE
+from serve_app.deployment import APP_NAME, Ingress
+
+
+@dataclass
+class Hive:
+    config: Config
+    url: str
+    dashboard_url: str | None
+
+    @classmethod
+    @contextmanager
+    def start(
+        cls,
+        *,
+        config_path: Path | str | None = None,
+        config: Config | None = None,
+        address: str | None = None,
+        ray_init: dict[str, Any] | None = None,
+        **overrides: Any,
+    ) -> Iterator[Hive]:
+        """Start Ray (or join ``address``), deploy rbee, wait for ``/health``; undo on exit."""
+        config = config or Config.load(config_path, **overrides)
+        own_ray = not ray.is_initialized()
+        if own_ray:
+            context = ray.init(address=address, namespace=NAMESPACE, **(ray_init or {}))
+            dashboard = context.dashboard_url or None
+        else:
+            dashboard = None
+        try:
+            serve.start(http_options={"host": config.server.host, "port": config.server.port})
+            serve.run(Ingress.bind(config), name=APP_NAME, route_prefix="/")
+            url = f"http://{config.server.host}:{config.server.port}"
+            _wait_healthy(url, config)
+            yield cls(config, url, f"http://{dashboard}" if dashboard else None)
+        finally:
+            try:
+                serve.shutdown()
+                shutdown_cluster()
+            finally:
+                if own_ray and address is None:
+                    ray.shutdown()
+
+
+def _wait_healthy(url: str, config: Config, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise TimeoutError(f"rbee did not become healthy at {url}: {last!r}")

@@ -1,0 +1,93 @@
+"""Small test helpers: read an SSE stream under a deadline, wait for a condition."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+@dataclass
+class Sse:
+    events: list[dict[str, Any]] = field(default_factory=list)  #: {"id","event","data"}
+    sentinel: str | None = None
+    comments: int = 0
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e["data"] for e in self.events if e["event"] == kind]
+
+
+def read_sse(
+    client: httpx.Client,
+    path: str,
+    *,
+    deadline_s: float = 60.0,
+    headers: dict[str, str] | None = None,
+    on_event: Callable[[dict[str, Any]], bool | None] | None = None,
+) -> Sse:
+    """Read a job stream until it closes by itself; fail if it outlives ``deadline_s``.
+
+    ``on_event`` may return True to stop reading early (the stream is then left open).
+    """
+    out = Sse()
+    end = time.monotonic() + deadline_s
+    with client.stream("GET", path, headers=headers, timeout=deadline_s) as response:
+        assert response.status_code == 200, response.read()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        current: dict[str, Any] = {}
+        for line in response.iter_lines():
+            assert time.monotonic() < end, f"stream {path} outlived its {deadline_s}s deadline"
+            if line.startswith(":"):
+                out.comments += 1
+            elif line.startswith("id: "):
+                current["id"] = int(line[4:])
+            elif line.startswith("event: "):
+                current["event"] = line[7:]
+            elif line.startswith("data: "):
+                data = line[6:]
+                if "event" in current:
+                    current["data"] = json.loads(data)
+                else:
+                    assert out.sentinel is None, "two sentinels"
+                    out.sentinel = data
+            elif line == "" and current:
+                out.events.append(current)
+                stop = on_event(current) if on_event else None
+                current = {}
+                if stop:
+                    return out
+        assert out.sentinel is not None, "the stream closed without a sentinel"
+    return out
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:
+    end = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+def submit(client: httpx.Client, op: dict[str, Any], **headers: str) -> str:
+    response = client.post("/v1/jobs", json=op, headers=headers)
+    assert response.status_code == 201, response.text
+    return str(response.json()["job_id"])
+
+
+def job(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    response = client.get(f"/v1/jobs/{job_id}")
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+def wait_state(
+    client: httpx.Client, job_id: str, *states: str, timeout: float = 30.0
+) -> dict[str, Any]:
+    return dict(wait_for(lambda: (j := job(client, job_id))["state"] in states and j, timeout))
