@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import httpx
 import ray
 
+from actors import logs
 from actors.config import Config
 from actors.downloads import ModelDownloads
 from actors.events import Event
@@ -18,6 +19,7 @@ from actors.vendors import HfVendor, UrlVendor
 @ray.remote(num_cpus=0, max_concurrency=1000)
 class DownloadActor:
     def __init__(self, config: Config) -> None:
+        logs.configure()
         cfg = config.downloads
         self._client = httpx.AsyncClient(
             timeout=httpx.Timeout(30.0, read=60.0),

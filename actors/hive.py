@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 
+from actors import logs
 from actors.cache import Catalog
 from actors.config import Config
 from actors.events import Event, Narration, Result
@@ -21,6 +22,7 @@ ACTOR = "hive"
 @ray.remote(num_cpus=0, max_concurrency=100)
 class Hive:
     def __init__(self, config: Config, hive_id: str, node_id: str) -> None:
+        logs.configure()
         self._catalog = Catalog(config.cache_dir)
         self._hive_id = hive_id
         self._node_id = node_id

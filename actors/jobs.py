@@ -16,6 +16,7 @@ from typing import Any, Protocol
 from actors.core import IllegalTransition, JobRecord, JobState, JobTable
 from actors.errors import InternalError, JobCancelled, JobNotFound, RbeeError, rbee_cause
 from actors.events import Error, Event, Narration
+from actors.logs import context
 
 log = logging.getLogger("rbee.jobs")
 
@@ -70,9 +71,7 @@ class Jobs:
         """
         record = self.table.get(job_id)
         if record is None:
-            log.warning(
-                "cancel of unknown job %s", job_id, extra={"job_id": job_id, "cid": correlation_id}
-            )
+            log.warning("cancel of unknown job %s", context(job_id, correlation_id))
             raise JobNotFound(f"no job {job_id!r}")
         if record.state.terminal:
             return False
@@ -105,6 +104,7 @@ class Jobs:
         if record.state.terminal:
             return False
         took_ms = (time.monotonic() - accepted) * 1000
+        log.info("cancelled in %.0f ms %s", took_ms, context(record.job_id, cid))
         await self.table.emit(
             record.job_id,
             Narration(

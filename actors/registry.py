@@ -14,6 +14,7 @@ from typing import Any
 import ray
 from ray.util import metrics
 
+from actors import logs
 from actors.config import Config
 from actors.core import JobRecord, JobState, JobTable
 from actors.errors import InvalidRequest, JobNotFound
@@ -26,6 +27,7 @@ from actors.operations import HiveList, ModelDownload, parse_operation
 @ray.remote(num_cpus=0, max_concurrency=10_000)
 class JobRegistry:
     def __init__(self, config: Config) -> None:
+        logs.configure()
         self._config = config
         self._metrics = _Metrics()
         self._background: set[asyncio.Task[None]] = set()

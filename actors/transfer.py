@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 OnBytes = Callable[[int], None]
 
-_CLEANUP_BOUND_S = 2.0  # how long a cancelled fetch waits for the partial file to be removed
+_CLEANUP_BOUND_S = 2.0  # cleanup gets its own short bound; a stuck close must not hang a cancel
 _SIDECAR_EVERY_S = 0.5
 _HASH_CHUNK = 4 << 20
 
@@ -123,7 +124,7 @@ class Downloader:
         if shared is None:
             shared = _Transfer()
             shared.task = asyncio.create_task(self._run(spec, shared.emit))
-            shared.task.add_done_callback(lambda task, t=shared: self._forget(spec.dest, t))
+            shared.task.add_done_callback(functools.partial(self._forget, spec.dest, shared))
             self._transfers[spec.dest] = shared
         if on_bytes is not None:
             shared.listeners.append(on_bytes)
@@ -140,7 +141,9 @@ class Downloader:
                 await asyncio.wait({shared.task}, timeout=_CLEANUP_BOUND_S)
             raise
 
-    def _forget(self, dest: pathlib.Path, transfer: _Transfer) -> None:
+    def _forget(
+        self, dest: pathlib.Path, transfer: _Transfer, _: asyncio.Task[pathlib.Path]
+    ) -> None:
         if self._transfers.get(dest) is transfer:
             del self._transfers[dest]
         if not transfer.task.cancelled():
@@ -239,7 +242,12 @@ class Downloader:
             os.close(fd)
 
     async def _segment(
-        self, spec: FileSpec, fd: int, seg: list[int], plan: _Plan, sidecar: pathlib.Path,
+        self,
+        spec: FileSpec,
+        fd: int,
+        seg: list[int],
+        plan: _Plan,
+        sidecar: pathlib.Path,
         emit: OnBytes,
     ) -> None:
         start, end, _ = seg
@@ -258,7 +266,7 @@ class Downloader:
                             _pwrite_all(fd, piece, start + seg[2])
                             seg[2] += len(piece)
                             emit(plan.on_disk())
-                            plan.save_every(sidecar, _SIDECAR_EVERY_S)
+                            plan.save(sidecar, unless_within_s=_SIDECAR_EVERY_S)
                 if start + seg[2] < end:
                     raise DownloadFailed(f"{_where(spec.url)} ended early at {start + seg[2]}")
             except DownloadFailed as exc:
@@ -310,9 +318,7 @@ class _Plan:
     """The segments of a parallel transfer: ``[start, end, committed]`` each, ``end`` exclusive."""
 
     def __init__(self, size: int, segments: list[list[int]]) -> None:
-        self.size = size
-        self.segments = segments
-        self._saved_at = time.monotonic()
+        self.size, self.segments, self._saved_at = size, segments, time.monotonic()
 
     @classmethod
     def split(cls, size: int, prefix: int, count: int) -> _Plan:
@@ -335,21 +341,13 @@ class _Plan:
     def on_disk(self) -> int:
         return self.size - sum(b - a - c for a, b, c in self.segments)
 
-    def contiguous_prefix(self) -> int:
-        if not self.segments:
-            return self.size
-        first = min(self.segments)
-        return first[0] + first[2]
-
-    def save(self, sidecar: pathlib.Path) -> None:
+    def save(self, sidecar: pathlib.Path, *, unless_within_s: float = 0.0) -> None:
+        if time.monotonic() - self._saved_at < unless_within_s:
+            return
         tmp = sidecar.with_name(sidecar.name + ".tmp")
         tmp.write_text(json.dumps({"size": self.size, "segments": self.segments}))
-        os.replace(tmp, sidecar)
+        os.replace(tmp, sidecar)  # a crash mid-write must not leave a torn plan
         self._saved_at = time.monotonic()
-
-    def save_every(self, sidecar: pathlib.Path, interval_s: float) -> None:
-        if time.monotonic() - self._saved_at >= interval_s:
-            self.save(sidecar)
 
 
 def _partial(dest: pathlib.Path) -> pathlib.Path:
@@ -371,7 +369,10 @@ def _contiguous_prefix(partial: pathlib.Path, fd: int) -> int:
     if not sidecar.exists():
         return os.fstat(fd).st_size
     plan = _Plan.load(sidecar, os.fstat(fd).st_size)
-    prefix = plan.contiguous_prefix() if plan is not None else 0
+    prefix = 0
+    if plan is not None:  # everything before the first unfinished segment is on disk
+        first = min(plan.segments, default=[plan.size, plan.size, 0])
+        prefix = first[0] + first[2]
     os.ftruncate(fd, prefix)
     sidecar.unlink(missing_ok=True)
     return prefix
@@ -424,8 +425,7 @@ def _hash_file(path: pathlib.Path, algo: str, head: bytes, stop: threading.Event
 
 
 def _check_status(resp: httpx.Response, url: str) -> None:
-    code = resp.status_code
-    if code in (200, 206):
+    if (code := resp.status_code) in (200, 206):
         return
     if code == 416:
         raise _RangeRefused(f"{_where(url)} refused the range we asked for (416)")

@@ -17,6 +17,7 @@ from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 import httpx
+import httpx2
 from huggingface_hub import HfApi, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
@@ -72,7 +73,7 @@ def hub_errors(model: str) -> Iterator[None]:
         raise ModelNotFound(f"{model}: {type(exc).__name__}: {_first_line(exc)}") from exc
     except HfHubHTTPError as exc:
         raise DownloadFailed(f"{model}: the hub answered {_first_line(exc)}") from exc
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx2.HTTPError) as exc:  # huggingface_hub 2.x speaks httpx2
         raise DownloadFailed(f"{model}: cannot reach the hub: {exc!r}") from exc
 
 

@@ -111,15 +111,16 @@ class FakeHub:
         self._conns: set[socket.socket] = set()
         self._server = _Server(self)
         self._thread: threading.Thread | None = None
-        host, port = self._server.server_address[:2]
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> FakeHub:
         """Serve in a daemon thread; returns ``self``."""
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name="fakehub", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fakehub",
+            daemon=True,
         )
         self._thread.start()
         return self
@@ -143,14 +144,20 @@ class FakeHub:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
         self.stop()
 
     # -- content ---------------------------------------------------------------------------
     def add_repo(
-        self, repo_id: str, files: dict[str, bytes | pathlib.Path], *, revision: str = "main",
+        self,
+        repo_id: str,
+        files: dict[str, bytes | pathlib.Path],
+        *,
+        revision: str = "main",
         lfs_threshold: int = 1024,
     ) -> str:
         """Publish ``files`` as ``revision`` of ``repo_id``; returns the commit sha.
@@ -218,7 +225,8 @@ class FakeHub:
         with self._lock:
             records = list(self.requests)
         return sum(
-            1 for r in records
+            1
+            for r in records
             if (method is None or r.method == method)
             and (path_contains is None or path_contains in r.path)
         )
@@ -299,8 +307,9 @@ class FakeHub:
             return
         blob = commit.files.get(path)
         if blob is None:
-            self._error(h, 404, "EntryNotFound", f"{path} does not exist",
-                        {"X-Repo-Commit": commit.sha})
+            self._error(
+                h, 404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": commit.sha}
+            )
             return
         headers = {"X-Repo-Commit": commit.sha}
         if blob.lfs:
@@ -311,8 +320,9 @@ class FakeHub:
     def _start(self, h: _Handler, status: int, headers: dict[str, str], length: int) -> int:
         """Log, then send the status line and headers; returns the log slot."""
         records, idx = self._log(
-            RequestRecord(h.command, unquote(urlsplit(h.path).path),
-                          h.headers.get("Range"), status, 0)
+            RequestRecord(
+                h.command, unquote(urlsplit(h.path).path), h.headers.get("Range"), status, 0
+            )
         )
         h.log_slot = (records, idx)
         h.send_response(status)
@@ -322,11 +332,21 @@ class FakeHub:
         h.end_headers()
         return idx
 
-    def _error(self, h: _Handler, status: int, code: str, message: str,
-               headers: dict[str, str] | None = None) -> None:
+    def _error(
+        self,
+        h: _Handler,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         body = json.dumps({"error": message}).encode()
-        all_headers = {"Content-Type": "application/json", "X-Error-Code": code,
-                       "X-Error-Message": message, **(headers or {})}
+        all_headers = {
+            "Content-Type": "application/json",
+            "X-Error-Code": code,
+            "X-Error-Message": message,
+            **(headers or {}),
+        }
         self._start(h, status, all_headers, len(body))
         self._body(h, body)
 
@@ -340,15 +360,20 @@ class FakeHub:
             h.wfile.write(body)
             h.sent = len(body)
 
-    def _send_blob(self, h: _Handler, blob: _Blob, key: tuple[str, str],
-                   headers: dict[str, str]) -> None:
+    def _send_blob(
+        self, h: _Handler, blob: _Blob, key: tuple[str, str], headers: dict[str, str]
+    ) -> None:
         status_fault, drop, corrupt = (
             self._take_faults(key) if h.command == "GET" else (None, None, False)
         )
         if status_fault is not None:
             return self._error(h, status_fault, "Injected", "injected failure")
-        headers = {"ETag": f'"{blob.etag}"', "Accept-Ranges": "bytes",
-                   "Content-Type": "application/octet-stream", **headers}
+        headers = {
+            "ETag": f'"{blob.etag}"',
+            "Accept-Ranges": "bytes",
+            "Content-Type": "application/octet-stream",
+            **headers,
+        }
         start, end, status = 0, blob.size - 1, 200
         if (wanted := _parse_range(h.headers.get("Range"), blob.size)) is not None:
             if wanted == (-1, -1):
@@ -361,8 +386,9 @@ class FakeHub:
         if h.command == "GET":
             self._stream(h, blob, start, length, drop, corrupt)
 
-    def _stream(self, h: _Handler, blob: _Blob, start: int, length: int,
-                drop: int | None, corrupt: bool) -> None:
+    def _stream(
+        self, h: _Handler, blob: _Blob, start: int, length: int, drop: int | None, corrupt: bool
+    ) -> None:
         limit = length if drop is None else min(length, drop)
         src: BinaryIO | None = None if isinstance(blob.data, bytes) else blob.data.open("rb")
         pace = _Pacer(self)
@@ -373,7 +399,7 @@ class FakeHub:
                     h.sent += h.connection.sendfile(src, offset, n)
                     continue
                 if src is None:
-                    chunk = memoryview(blob.data)[offset:offset + n]  # type: ignore[arg-type]
+                    chunk = memoryview(blob.data)[offset : offset + n]  # type: ignore[arg-type]
                 else:
                     src.seek(offset)
                     chunk = memoryview(src.read(n))
@@ -381,7 +407,7 @@ class FakeHub:
                     chunk = memoryview(bytes(chunk).translate(_CORRUPT))
                 step = _PACE_SLICE if self.throttle_bps is not None else len(chunk)
                 for i in range(0, len(chunk), step):
-                    piece = chunk[i:i + step]
+                    piece = chunk[i : i + step]
                     h.connection.sendall(piece)
                     h.sent += len(piece)
                     pace.after(len(piece))
@@ -439,11 +465,21 @@ def _model_info(repo_id: str, commit: _Commit) -> dict[str, Any]:
             sib["blobId"] = blob.etag
         siblings.append(sib)
     return {
-        "_id": commit.sha[:24], "id": repo_id, "modelId": repo_id,
+        "_id": commit.sha[:24],
+        "id": repo_id,
+        "modelId": repo_id,
         "author": repo_id.split("/")[0] if "/" in repo_id else None,
-        "sha": commit.sha, "lastModified": _DATE, "createdAt": _DATE, "private": False,
-        "disabled": False, "gated": False, "downloads": 0, "likes": 0, "tags": [],
-        "siblings": siblings, "spaces": [],
+        "sha": commit.sha,
+        "lastModified": _DATE,
+        "createdAt": _DATE,
+        "private": False,
+        "disabled": False,
+        "gated": False,
+        "downloads": 0,
+        "likes": 0,
+        "tags": [],
+        "siblings": siblings,
+        "spaces": [],
         "usedStorage": sum(b.size for b in commit.files.values()),
     }
 
@@ -455,18 +491,20 @@ def _tree(commit: _Commit, under: str, recursive: bool) -> list[dict[str, Any]]:
     for path, blob in sorted(commit.files.items()):
         if not path.startswith(prefix):
             continue
-        rest = path[len(prefix):]
+        rest = path[len(prefix) :]
         if not recursive and "/" in rest:
             folders.add(prefix + rest.split("/")[0])
             continue
         if recursive:
             parts = rest.split("/")[:-1]
-            folders.update(prefix + "/".join(parts[:i + 1]) for i in range(len(parts)))
+            folders.update(prefix + "/".join(parts[: i + 1]) for i in range(len(parts)))
         entry: dict[str, Any] = {"type": "file", "path": path, "size": blob.size}
         if blob.lfs:
             git_pointer = hashlib.sha1(f"lfs {blob.etag}".encode()).hexdigest()
-            entry |= {"oid": git_pointer,
-                      "lfs": {"oid": blob.etag, "size": blob.size, "pointerSize": 134}}
+            entry |= {
+                "oid": git_pointer,
+                "lfs": {"oid": blob.etag, "size": blob.size, "pointerSize": 134},
+            }
         else:
             entry["oid"] = blob.etag
         entries.append(entry)
@@ -487,7 +525,7 @@ class _Server(http.server.ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], ConnectionError | _Dropped | TimeoutError):
+        if isinstance(sys.exc_info()[1], OSError | _Dropped):
             return  # a client that went away, or a drop we injected: not news
         super().handle_error(request, client_address)
 
@@ -521,8 +559,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 records, idx = self.log_slot
                 with self.server.hub._lock:
                     old = records[idx]
-                    records[idx] = RequestRecord(old.method, old.path, old.range, old.status,
-                                                 self.sent)
+                    records[idx] = RequestRecord(
+                        old.method, old.path, old.range, old.status, self.sent
+                    )
 
     def _dispatch(self) -> None:
         if self.command not in ("GET", "HEAD"):

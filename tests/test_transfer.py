@@ -37,8 +37,12 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
 
 def lfs_spec(hub: FakeHub, tmp_path: pathlib.Path, data: bytes = DATA) -> FileSpec:
     etag = hashlib.sha256(data).hexdigest()
-    return FileSpec(url=f"{hub.url}/{REPO}/resolve/main/model.bin",
-                    dest=tmp_path / "blobs" / etag, size=len(data), sha256=etag)
+    return FileSpec(
+        url=f"{hub.url}/{REPO}/resolve/main/model.bin",
+        dest=tmp_path / "blobs" / etag,
+        size=len(data),
+        sha256=etag,
+    )
 
 
 def partial_of(spec: FileSpec) -> pathlib.Path:
@@ -71,8 +75,12 @@ async def test_small_file_checked_with_git_sha1(
     hub: FakeHub, client: httpx.AsyncClient, tmp_path: pathlib.Path
 ) -> None:
     oid = hashlib.sha1(b"blob %d\0" % len(SMALL) + SMALL).hexdigest()
-    spec = FileSpec(url=f"{hub.url}/{REPO}/resolve/main/config.json",
-                    dest=tmp_path / oid, size=len(SMALL), git_sha1=oid)
+    spec = FileSpec(
+        url=f"{hub.url}/{REPO}/resolve/main/config.json",
+        dest=tmp_path / oid,
+        size=len(SMALL),
+        git_sha1=oid,
+    )
     assert (await Downloader(client).fetch(spec)).read_bytes() == SMALL
 
     bad = FileSpec(url=spec.url, dest=tmp_path / "bad", size=len(SMALL), git_sha1="0" * 40)
@@ -164,7 +172,10 @@ async def test_missing_file_is_not_retried(
 @pytest.mark.parametrize("parallel", [False, True])
 @pytest.mark.parametrize("resumed", [False, True])
 async def test_wrong_bytes_raise_integrity_error_and_keep_nothing(
-    hub: FakeHub, client: httpx.AsyncClient, tmp_path: pathlib.Path, parallel: bool,
+    hub: FakeHub,
+    client: httpx.AsyncClient,
+    tmp_path: pathlib.Path,
+    parallel: bool,
     resumed: bool,
 ) -> None:
     hub.inject_corrupt(REPO, "model.bin")
@@ -253,8 +264,9 @@ async def test_concurrent_fetches_of_one_file_share_one_transfer(
     downloader = Downloader(client)
     first: list[int] = []
     second: list[int] = []
-    paths = await asyncio.gather(downloader.fetch(spec, first.append),
-                                 downloader.fetch(spec, second.append))
+    paths = await asyncio.gather(
+        downloader.fetch(spec, first.append), downloader.fetch(spec, second.append)
+    )
     assert paths == [spec.dest, spec.dest]
     assert first[-1] == second[-1] == len(DATA)
     assert hub.count("GET") == 1
