@@ -23,7 +23,12 @@ def ensure_cluster(config: Config) -> Any:
     for node in alive_nodes():
         hive_id = hive_id_of(node["NodeID"])
         on_node = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-        common = {"namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
+        common = {
+            "namespace": NAMESPACE,
+            "lifetime": "detached",
+            "get_if_exists": True,
+            "max_restarts": -1,  # a crashed hive comes back; its jobs fail as WORKER_DIED
+        }
         Hive.options(name=hive_name(hive_id), scheduling_strategy=on_node, **common).remote(
             config, hive_id, node["NodeID"]
         )
@@ -31,7 +36,11 @@ def ensure_cluster(config: Config) -> Any:
             name=download_name(hive_id), scheduling_strategy=on_node, **common
         ).remote(config)
     registry = JobRegistry.options(
-        name=REGISTRY, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=REGISTRY,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,  # comes back with the jobs it saved under state_dir
     ).remote(config)
     ray.get(registry.ready.remote())
     return registry

@@ -110,6 +110,10 @@ class EventLog:
         self._events.append(logged)
         return logged
 
+    def restore(self, event: LoggedEvent) -> None:
+        self._events.append(event)
+        self.last_seq = event.seq
+
     def after(self, seq: int, limit: int | None = None) -> list[LoggedEvent]:
         out = [e for e in self._events if e.seq > seq]
         return out if limit is None else out[:limit]
@@ -146,6 +150,30 @@ class JobTable:
         )
         self._jobs[record.job_id] = _Entry(record, EventLog(self._max_events), asyncio.Condition())
         return record
+
+    def restore(self, saved: dict[str, Any], events: list[LoggedEvent]) -> JobRecord:
+        """Put back a job remembered on disk (see ``actors.store``)."""
+        record = JobRecord(
+            job_id=saved["job_id"],
+            operation=saved["operation"],
+            request=saved.get("request") or {},
+            correlation_id=saved["correlation_id"],
+            state=JobState(saved["state"]),
+            created_at=saved["created_at"],
+            started_at=saved["started_at"],
+            finished_at=saved["finished_at"],
+            progress=saved["progress"],
+            result=saved["result"],
+            error=saved["error"],
+        )
+        log = EventLog(self._max_events)
+        for event in events[-self._max_events :]:
+            log.restore(event)
+        self._jobs[record.job_id] = _Entry(record, log, asyncio.Condition())
+        return record
+
+    def events(self, job_id: str) -> list[LoggedEvent]:
+        return self._jobs[job_id].log.after(0)
 
     def get(self, job_id: str) -> JobRecord | None:
         entry = self._jobs.get(job_id)

@@ -15,6 +15,7 @@ caller may retry. All of them survive ``pickle`` because Ray ships them between 
     │   └── InvalidRequest         INVALID_REQUEST     422
     │       └── UnsafePath         INVALID_REQUEST     422
     ├── JobCancelled               CANCELLED
+    ├── WorkerDied                 WORKER_DIED         (retriable: the actor restarts)
     ├── DownloadFailed             DOWNLOAD_FAILED     (retriable unless the bytes were wrong)
     │   └── IntegrityError         DOWNLOAD_FAILED     (checksum mismatch; fatal)
     └── InternalError              INTERNAL
@@ -93,6 +94,13 @@ class UnsafePath(InvalidRequest):
 
 class JobCancelled(RbeeError):
     code = "CANCELLED"
+
+
+class WorkerDied(RbeeError):
+    """The actor doing the work died; Ray restarts it, so the job may be submitted again."""
+
+    code = "WORKER_DIED"
+    retriable = True
 
 
 class DownloadFailed(RbeeError):

@@ -12,16 +12,18 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
+from ray.exceptions import RayActorError
 from ray.util import metrics
 
 from actors import logs
 from actors.config import Config
 from actors.core import JobRecord, JobState, JobTable
-from actors.errors import InvalidRequest, JobNotFound
+from actors.errors import InvalidRequest, JobNotFound, WorkerDied
 from actors.events import Event, Result
 from actors.jobs import Jobs
 from actors.naming import NAMESPACE, download_name, hive_id_of, hive_name
 from actors.operations import HiveList, ModelDownload, parse_operation
+from actors.store import JobStore
 
 
 @ray.remote(num_cpus=0, max_concurrency=10_000)
@@ -31,13 +33,21 @@ class JobRegistry:
         self._config = config
         self._metrics = _Metrics()
         self._background: set[asyncio.Task[None]] = set()
+        self._store = JobStore(config.state_dir)
+        table = JobTable(max_events=config.max_events_per_job)
+        for saved, events in self._store.load():
+            table.restore(saved, events)
         self._jobs = Jobs(
-            JobTable(max_events=config.max_events_per_job),
+            table,
             RayBackend(),
             limits={"model_download": config.downloads.concurrency},
             cleanup_s=config.cancel_cleanup_s,
-            on_terminal=self._metrics.terminal,
+            on_terminal=self._terminal,
         )
+
+    def _terminal(self, record: JobRecord) -> None:
+        self._metrics.terminal(record)
+        self._store.save(record, self._jobs.table.events(record.job_id))
 
     async def ready(self) -> bool:
         return True
@@ -46,6 +56,7 @@ class JobRegistry:
         op = parse_operation(request)
         record = self._jobs.submit(op, request, correlation_id)
         self._metrics.submitted(record)
+        self._store.save(record, [])
         return record.to_dict()
 
     async def job(self, job_id: str) -> dict[str, Any]:
@@ -115,6 +126,8 @@ class RayBackend:
         try:
             async for ref in generator:
                 yield await ref
+        except RayActorError as exc:
+            raise WorkerDied(f"{name} died while running the job: {_first_line(exc)}") from exc
         finally:
             self._running.pop(record.job_id, None)
 
@@ -127,6 +140,10 @@ class RayBackend:
         ray.cancel(generator)
         result: dict[str, Any] = await confirmed
         return result
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _default_hive_id() -> str:

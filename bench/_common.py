@@ -107,7 +107,7 @@ def main(
     try:
         with stack:
             stack.callback(_ray_down)  # last: whatever a half-started hive left behind
-            workdir = Path(tempfile.mkdtemp(prefix=f"rbee-bench-{name}-"))
+            workdir = Path(tempfile.mkdtemp(prefix="rbee-b-"))  # short: Ray's socket paths
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
             run = Run(args, stack, workdir)
             started = time.monotonic()
@@ -176,7 +176,7 @@ def start_hive(run: Run, config: Any, *, num_cpus: int = 2, dashboard: bool = Fa
     ray_init: dict[str, Any] = {
         "num_cpus": num_cpus,
         "include_dashboard": dashboard,
-        "_temp_dir": str(run.scratch("ray")),
+        "_temp_dir": str(run.scratch("r")),  # short: AF_UNIX paths are at most 107 bytes
         "log_to_driver": False,
     }
     if dashboard:
@@ -280,3 +280,85 @@ def timed() -> Iterator[list[float]]:
         yield box
     finally:
         box.append(time.perf_counter() - started)
+
+
+# -- the fake hub in its own process ---------------------------------------------------------
+def _hub_process(conn: Any) -> None:
+    """Serve a :class:`FakeHub` and obey ``(command, argument)`` messages until told to stop
+    or the parent goes away (the pipe closes)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when we stop
+    with FakeHub() as hub:
+        conn.send(hub.url)
+        while True:
+            try:
+                command, arg = conn.recv()
+            except (EOFError, OSError):
+                return
+            if command == "stop":
+                conn.send(("ok", None))
+                return
+            try:
+                if command == "add_repo":
+                    result: Any = hub.add_repo(arg[0], arg[1])
+                elif command == "throttle":
+                    hub.throttle_bps, result = arg, None
+                elif command == "count":
+                    result = hub.count(*arg)
+                else:
+                    raise ValueError(f"unknown command {command!r}")
+                conn.send(("ok", result))
+            except Exception as exc:
+                conn.send(("error", repr(exc)))
+
+
+class HubProcess:
+    """A :class:`FakeHub` served from a child process, so its threads never compete with the
+    client being measured for this interpreter's GIL. Same calls as the hub, by message."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_hub_process, args=(child,), name="fakehub", daemon=True)
+        self._proc.start()
+        child.close()
+        if not self._conn.poll(60):
+            self.stop()
+            raise RuntimeError("the fake hub process did not start")
+        self.url: str = self._conn.recv()
+
+    def _call(self, command: str, arg: Any = None) -> Any:
+        self._conn.send((command, arg))
+        status, result = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"fake hub: {command}: {result}")
+        return result
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes | Path]) -> str:
+        return str(self._call("add_repo", (repo_id, files)))
+
+    def set_throttle(self, bps: int | None) -> None:
+        self._call("throttle", bps)
+
+    def count(self, method: str | None = None, path_contains: str | None = None) -> int:
+        return int(self._call("count", (method, path_contains)))
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            try:
+                self._conn.send(("stop", None))
+                self._conn.poll(10)
+            except OSError:
+                pass
+            self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.terminate()
+            self._proc.join(5)
+        self._conn.close()
+
+    def __enter__(self) -> HubProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

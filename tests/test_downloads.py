@@ -187,3 +187,34 @@ def test_url_vendor_downloads_a_plain_file(api, hub, cache_dir):
     assert stream.sentinel == "[DONE]", stream.events
     path = Path(stream.of("result")[0]["path"]) / url.rsplit("/", 1)[1]
     assert path.read_bytes() == data
+
+
+def test_resume_after_the_download_actor_died(api, hub, cache_dir):
+    import ray
+
+    from actors.naming import NAMESPACE, download_name
+
+    data = os.urandom(3 * MiB)
+    repo = _repo(hub, {"model.bin": data})
+    hub.throttle_bps = MiB
+    try:
+        first = submit(api, {"operation": "model_download", "model": repo})
+        wait_for(lambda: (job(api, first)["progress"] or {}).get("bytes_done", 0) >= MiB)
+        hives = wait_state(api, submit(api, {"operation": "hive_list"}), "completed")
+        hive_id = hives["result"]["hives"][0]["hive_id"]
+        ray.kill(ray.get_actor(download_name(hive_id), namespace=NAMESPACE), no_restart=False)
+        died = read_sse(api, f"/v1/jobs/{first}/stream", deadline_s=30)
+    finally:
+        hub.throttle_bps = None
+    error = died.of("error")[-1]
+    assert error["code"] == "WORKER_DIED" and error["retriable"] is True
+    partial = [p for p in _blobs(cache_dir, repo) if p.name.endswith(".incomplete")]
+    assert len(partial) == 1
+    kept = partial[0].stat().st_size
+    assert kept >= MiB
+
+    second = submit(api, {"operation": "model_download", "model": repo})
+    assert read_sse(api, f"/v1/jobs/{second}/stream", deadline_s=60).sentinel == "[DONE]"
+    last_get = [r for r in hub.requests if r.method == "GET" and f"{repo}/resolve/" in r.path][-1]
+    assert last_get.range == f"bytes={kept}-"
+    assert [p.read_bytes() == data for p in _blobs(cache_dir, repo)] == [True]

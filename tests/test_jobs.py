@@ -1,0 +1,174 @@
+"""``Jobs`` without Ray: a plain in-process backend drives it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import pytest
+
+from actors.core import JobState, JobTable
+from actors.errors import DownloadFailed, JobNotFound
+from actors.events import Narration, Progress, Result
+from actors.jobs import Jobs
+
+
+@dataclass(frozen=True)
+class Op:
+    operation: str
+    steps: int = 3
+    fail: bool = False
+    delay: float = 0.0
+
+
+class LocalBackend:
+    """Runs each op as an async generator in this loop; stop() cancels it and waits."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.stopped: list[str] = []
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.gate = asyncio.Event()
+
+    async def start(self, record, op):
+        self.started.append(record.job_id)
+        self.tasks[record.job_id] = asyncio.current_task()
+        for i in range(op.steps):
+            await self.gate.wait()
+            await asyncio.sleep(op.delay)
+            yield Progress(i + 1, op.steps, 1.0, None, "f")
+        if op.fail:
+            raise DownloadFailed("connection reset")
+        yield Result({"done": True})
+
+    async def stop(self, record):
+        self.stopped.append(record.job_id)
+        task = self.tasks.get(record.job_id)
+        if task is not None:
+            task.cancel()
+        return {"last_write_after_cancel_s": -0.01}
+
+
+async def _until(predicate, timeout=2.0):
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture
+def backend():
+    return LocalBackend()
+
+
+@pytest.fixture
+def jobs(backend):
+    return Jobs(JobTable(), backend, limits={"download": 1}, cleanup_s=1.0)
+
+
+async def test_a_job_runs_to_completion(jobs, backend):
+    backend.gate.set()
+    record = jobs.submit(Op("download"), {}, "cid")
+    await _until(lambda: record.state.terminal)
+    assert record.state is JobState.COMPLETED
+    assert record.result == {"done": True}
+    assert record.progress["bytes_done"] == 3
+
+
+async def test_errors_fail_the_job_with_their_code(jobs, backend):
+    backend.gate.set()
+    record = jobs.submit(Op("download", fail=True), {}, "cid")
+    await _until(lambda: record.state.terminal)
+    assert record.state is JobState.FAILED
+    assert record.error == {
+        "code": "DOWNLOAD_FAILED",
+        "message": "connection reset",
+        "retriable": True,
+    }
+
+
+async def test_the_limit_queues_and_a_cancelled_queued_job_never_starts(jobs, backend):
+    first = jobs.submit(Op("download"), {}, "cid")
+    second = jobs.submit(Op("download"), {}, "cid")
+    await _until(lambda: first.state is JobState.RUNNING)
+    await asyncio.sleep(0.02)
+    assert second.state is JobState.QUEUED
+    assert await jobs.cancel(second.job_id, "cancel-cid") is True
+    assert second.state is JobState.CANCELLED and second.started_at is None
+    backend.gate.set()
+    await _until(lambda: first.state.terminal)
+    await asyncio.sleep(0.02)
+    assert backend.started == [first.job_id]
+    kinds = [e.kind for e in jobs.table.events(second.job_id)]
+    assert kinds == ["narration", "narration", "error"]
+    cancel, complete, error = jobs.table.events(second.job_id)
+    assert (cancel.data["action"], complete.data["action"]) == ("cancel", "cancel_complete")
+    assert cancel.data["correlation_id"] == complete.data["correlation_id"] == "cancel-cid"
+    assert error.data["code"] == "CANCELLED"
+
+
+async def test_cancel_of_a_running_job_stops_the_backend(jobs, backend):
+    record = jobs.submit(Op("download", steps=100), {}, "cid")
+    await _until(lambda: record.state is JobState.RUNNING)
+    assert await jobs.cancel(record.job_id) is True
+    assert backend.stopped == [record.job_id]
+    assert record.state is JobState.CANCELLED
+    complete = [
+        e for e in jobs.table.events(record.job_id) if e.data.get("action") == "cancel_complete"
+    ]
+    assert "last byte written -10 ms after the cancel" in complete[0].data["message"]
+    assert jobs.table.events(record.job_id)[-1].data["code"] == "CANCELLED"
+
+
+async def test_concurrent_cancels_share_one_and_later_ones_say_finished(jobs, backend):
+    record = jobs.submit(Op("download", steps=100), {}, "cid")
+    await _until(lambda: record.state is JobState.RUNNING)
+    results = await asyncio.gather(*(jobs.cancel(record.job_id) for _ in range(5)))
+    assert results == [True] * 5
+    assert backend.stopped == [record.job_id]
+    assert await jobs.cancel(record.job_id) is False
+    actions = [e.data.get("action") for e in jobs.table.events(record.job_id)]
+    assert actions.count("cancel") == 1 and actions.count("cancel_complete") == 1
+
+
+async def test_cancel_of_unknown_job_raises_and_logs(jobs, caplog):
+    with pytest.raises(JobNotFound):
+        await jobs.cancel("job-missing", "cid-x")
+    assert "job_id=job-missing cid=cid-x" in caplog.text
+
+
+async def test_no_event_after_the_terminal_one(jobs, backend):
+    record = jobs.submit(Op("download", steps=100, delay=0.01), {}, "cid")
+    backend.gate.set()
+    await _until(lambda: record.progress is not None)
+    assert await jobs.cancel(record.job_id) is True
+    count = len(jobs.table.events(record.job_id))
+    await asyncio.sleep(0.05)
+    assert len(jobs.table.events(record.job_id)) == count
+    assert jobs.table.events(record.job_id)[-1].kind == "error"
+
+
+async def test_a_stop_that_hangs_still_ends_the_job(backend):
+    async def hang(record):
+        await asyncio.sleep(30)
+
+    backend.stop = hang
+    jobs = Jobs(JobTable(), backend, cleanup_s=0.1)
+    record = jobs.submit(Op("download", steps=100), {}, "cid")
+    await _until(lambda: record.state is JobState.RUNNING)
+    assert await jobs.cancel(record.job_id) is True
+    message = [
+        e.data["message"] for e in jobs.table.events(record.job_id) if e.kind == "narration"
+    ][-1]
+    assert "did not confirm" in message
+    assert record.state is JobState.CANCELLED
+
+
+async def test_narration_passes_through(jobs, backend):
+    async def talk(record, op):
+        yield Narration("a", "b", "hello")
+
+    backend.start = talk
+    record = jobs.submit(Op("other"), {}, "cid")
+    await _until(lambda: record.state.terminal)
+    assert record.state is JobState.COMPLETED
+    assert jobs.table.events(record.job_id)[0].data["message"] == "hello"
