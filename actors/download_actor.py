@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import httpx
 import ray
+from ray.util import metrics
 
 from actors import logs
 from actors.config import Config
@@ -38,7 +39,10 @@ class DownloadActor:
             "hf": HfVendor(config.hub.endpoint, token, config.cache_dir),
             "url": UrlVendor(self._client, config.cache_dir),
         }
-        self._downloads = ModelDownloads(downloader, vendors, heartbeat_s=cfg.heartbeat_s)
+        moved = metrics.Counter("rbee_download_bytes_total", "Bytes written by downloads")
+        self._downloads = ModelDownloads(
+            downloader, vendors, heartbeat_s=cfg.heartbeat_s, count_bytes=moved.inc
+        )
 
     async def run(
         self, job_id: str, op: ModelDownload, correlation_id: str | None = None

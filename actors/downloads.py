@@ -42,12 +42,14 @@ class ModelDownloads:
         heartbeat_s: float = 0.5,
         files_at_once: int = 4,
         clock: Callable[[], float] = time.time,
+        count_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self._downloader = downloader
         self._vendors = vendors
         self._heartbeat_s = heartbeat_s
         self._files_at_once = files_at_once
         self._clock = clock
+        self._count_bytes = count_bytes or (lambda n: None)
         self._running: dict[str, _Running] = {}
         self._finished: OrderedDict[str, _Running] = OrderedDict()
 
@@ -127,7 +129,8 @@ class ModelDownloads:
 
                 def on_bytes(n: int) -> None:
                     running.last_write = self._clock()
-                    meter.update(planned.path, n)
+                    if moved := meter.update(planned.path, n):
+                        self._count_bytes(moved)
 
                 await self._downloader.fetch(planned.spec, on_bytes)
                 meter.finish(planned.path, planned.spec.size)

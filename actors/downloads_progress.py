@@ -25,12 +25,14 @@ class ProgressMeter:
     def done(self) -> int:
         return sum(self._files.values())
 
-    def update(self, path: str, on_disk: int) -> None:
+    def update(self, path: str, on_disk: int) -> int:
+        """Record a file's bytes on disk; returns how many are new since the last update."""
         before = self._files.get(path)
         self._files[path] = on_disk
-        if before is not None:
-            self._moved += max(0, on_disk - before)
         self.current_file = path
+        moved = 0 if before is None else max(0, on_disk - before)
+        self._moved += moved
+        return moved
 
     def finish(self, path: str, size: int | None) -> None:
         if size is not None:

@@ -43,13 +43,14 @@ KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MB = 1_000_000
 
 #: progress lines go to stderr; the tables and the JSON line are the only stdout output
-log = Console(stderr=True, highlight=False)
+log = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, width=max(100, Console().width))
 
 __all__ = [
     "GiB",
     "MB",
     "FakeHub",
+    "HubProcess",
     "KiB",
     "MiB",
     "Run",
@@ -245,12 +246,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 def summary(values: Sequence[float], digits: int = 1) -> dict[str, Any]:
     """n, p50, p99, max, mean of ``values`` (rounded)."""
     if not values:
-        return {"n": 0, "p50": None, "p99": None, "max": None, "mean": None}
+        return {"n": 0, "min": None, "p50": None, "p99": None, "max": None, "mean": None}
     return {
         "n": len(values),
+        "min": round(float(min(values)), digits),
         "p50": round(percentile(values, 50), digits),
         "p99": round(percentile(values, 99), digits),
-        "max": round(max(values), digits),
+        "max": round(float(max(values)), digits),
         "mean": round(sum(values) / len(values), digits),
     }
 

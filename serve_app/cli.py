@@ -16,6 +16,11 @@ app = typer.Typer(
 console = Console(stderr=True)
 
 
+@app.callback()
+def _root() -> None:
+    """rbee: LLM jobs on Ray you can watch live and really cancel."""
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Address to bind (default 127.0.0.1).")] = None,

@@ -33,7 +33,12 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hive(hub: FakeHub, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def ray_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("ray")
+
+
+@pytest.fixture(scope="session")
+def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from actors.config import Config
     from serve_app.launch import Hive
 
@@ -49,7 +54,7 @@ def hive(hub: FakeHub, cache_dir: Path, tmp_path_factory: pytest.TempPathFactory
         "num_cpus": 2,
         "include_dashboard": True,
         "dashboard_port": free_port(),
-        "_temp_dir": str(tmp_path_factory.mktemp("ray")),
+        "_temp_dir": str(ray_dir),
         "log_to_driver": False,
     }
     with Hive.start(config=config, ray_init=ray_init) as running:

@@ -1,0 +1,354 @@
+"""SPEC §11 job plumbing: submit latency, submissions/s, a cancel storm, registry memory/job.
+
+* submit → job_id: ``--submits`` (default 500; ``--quick`` 100) ``POST /v1/jobs``
+  ``{"operation":"hive_list"}`` one after another on one keep-alive client (p50/p99 and
+  submissions/s), then as many again from 8 threads with a client each (submissions/s);
+* cancel storm: throttled downloads fill every download slot, ``--storm`` (default 1,000;
+  ``--quick`` 200) ``model_download`` jobs then wait ``queued``; all of them are cancelled at
+  once (``POST /v1/jobs/{id}/cancel`` from one asyncio client, many requests in flight) and
+  the clock runs until none of them is left ``queued`` (all ``cancelled``). Target ≤ 2 s;
+  none of them may ever have started;
+* registry memory per job: the ``JobRegistry`` actor's RSS before and after the jobs above,
+  divided by their number (finished ``hive_list`` jobs; queued-then-cancelled downloads).
+
+    .venv/bin/python bench/jobs.py [--quick] [--submits 500] [--storm 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+from _common import (
+    KiB,
+    MiB,
+    HubProcess,
+    Run,
+    client,
+    fmt_ms,
+    hive_config,
+    log,
+    main,
+    random_file,
+    start_hive,
+    summary,
+)
+from rich.table import Table
+
+STORM_TARGET_S = 2.0
+THREADS = 8
+SLOTS = 2  #: downloads.concurrency of the hive; that many fillers keep the queue closed
+FILLER_SIZE = 64 * MiB
+FILLER_THROTTLE = 256 * KiB  #: per connection: a filler runs about a minute
+CHEAP = {"operation": "hive_list"}
+TERMINAL = {"completed", "failed", "cancelled"}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--submits", type=int, default=None,
+                        help="submissions per latency phase (default 500; --quick: 100)")
+    parser.add_argument("--storm", type=int, default=None,
+                        help="queued jobs cancelled at once (default 1000; --quick: 200)")
+    parser.add_argument("--storm-concurrency", type=int, default=128,
+                        help="cancel requests in flight at once during the storm")
+
+
+def bench(run: Run) -> dict[str, Any]:
+    """Submit latency and rate, a cancel storm of queued jobs, registry memory per job."""
+    args = run.args
+    n_submit = args.submits or (100 if args.quick else 500)
+    n_storm = args.storm or (200 if args.quick else 1000)
+    hub = run.stack.enter_context(HubProcess())
+    config = hive_config(run, hub.url, concurrency=SLOTS, parallel_min_size=16 * MiB,
+                         segments=4)
+    hive = start_hive(run, config)
+    api = run.stack.enter_context(client(hive.url))
+    registry = _registry_process()
+    log.print(f"JobRegistry pid {registry.pid}")
+
+    # -- submit latency and rate -------------------------------------------------------------
+    _submit_sequential(api, 20)  # warm every code path before the baseline
+    _wait_terminal(api, 20)
+    rss0, jobs0 = registry.memory_info().rss, _job_count(api)
+    log.print(f"[bold]submit[/]: {n_submit} sequential, then {n_submit} from {THREADS} threads")
+    seq_lat, seq_s = _submit_sequential(api, n_submit)
+    par_lat, par_s, _ = _submit_parallel(hive.url, n_submit, CHEAP)
+    _wait_terminal(api, 2 * n_submit + 20)
+    failed = len(_jobs(api, "failed"))
+    rss1, jobs1 = registry.memory_info().rss, _job_count(api)
+    submit = {
+        "n": n_submit,
+        "latency_ms": summary(seq_lat, 2),
+        "per_s_sequential": round(n_submit / seq_s, 1),
+        "threads": THREADS,
+        "latency_parallel_ms": summary(par_lat, 2),
+        "per_s_parallel": round(n_submit / par_s, 1),
+        "failed": failed,
+    }
+    log.print(f"  sequential {submit['per_s_sequential']}/s, p50 "
+              f"{submit['latency_ms']['p50']} ms; parallel {submit['per_s_parallel']}/s")
+
+    # -- cancel storm --------------------------------------------------------------------------
+    log.print(f"[bold]cancel storm[/]: {SLOTS} throttled downloads hold the slots, "
+              f"{n_storm} queued jobs")
+    filler = random_file(run.scratch("src") / "filler.bin", FILLER_SIZE)
+    queued_file = random_file(run.scratch("src") / "queued.bin", 1 * MiB)
+    hub.set_throttle(FILLER_THROTTLE)
+    fillers = []
+    for i in range(SLOTS):
+        hub.add_repo(f"bench/filler-{i}", {"model.bin": filler})
+        fillers.append(_submit(api, {"operation": "model_download", "model": f"bench/filler-{i}"}))
+    hub.add_repo("bench/queued", {"model.bin": queued_file})
+    _wait_until(lambda: all(_bytes_done(api, j) > 0 for j in fillers), 60, "fillers to start")
+    rss2, jobs2 = registry.memory_info().rss, _job_count(api)
+    queued_op = {"operation": "model_download", "model": "bench/queued"}
+    _, storm_submit_s, ids = _submit_parallel(hive.url, n_storm, queued_op)
+    waiting = {j["job_id"] for j in _jobs(api, "queued")}
+    if not set(ids) <= waiting:
+        raise RuntimeError(f"{len(set(ids) - waiting)} storm jobs are not queued; "
+                           "a filler finished early?")
+    rss3, jobs3 = registry.memory_info().rss, _job_count(api)
+    log.print(f"  {n_storm} queued in {storm_submit_s:.1f}s; cancelling them all at once…")
+    storm = asyncio.run(_storm(hive.url, ids, args.storm_concurrency))
+    cancelled = {j["job_id"]: j for j in _jobs(api, "cancelled")}
+    started = sum(1 for j in ids if j in cancelled and cancelled[j]["started_at"] is not None)
+    storm |= {
+        "jobs": n_storm,
+        "submit_per_s": round(n_storm / storm_submit_s, 1),
+        "not_cancelled": sum(1 for j in ids if j not in cancelled),
+        "started": started,
+        "fillers_still_running": sum(1 for j in fillers if _state(api, j) == "running"),
+        "target_s": STORM_TARGET_S,
+    }
+    storm["pass"] = bool(storm["all_cancelled_s"] is not None
+                         and storm["all_cancelled_s"] <= STORM_TARGET_S
+                         and not storm["not_cancelled"] and not started)
+    log.print(f"  all 202 after {storm['all_accepted_s']:.2f}s, all cancelled after "
+              f"{storm['all_cancelled_s']}s")
+    rss4 = registry.memory_info().rss
+    for job_id in fillers:
+        api.delete(f"/v1/jobs/{job_id}")
+    hub.set_throttle(None)
+
+    memory = {
+        "pid": registry.pid,
+        "rss_start_bytes": rss0,
+        "rss_end_bytes": rss4,
+        "per_hive_list_job_bytes": _per(rss1 - rss0, jobs1 - jobs0),
+        "hive_list_jobs": jobs1 - jobs0,
+        "per_queued_download_job_bytes": _per(rss3 - rss2, jobs3 - jobs2),
+        "queued_download_jobs": jobs3 - jobs2,
+        "after_storm_delta_bytes": rss4 - rss3,
+        "jobs_held": _job_count(api),
+    }
+    run.tables.extend(_tables(submit, storm, memory))
+    return {"submit": submit, "cancel_storm": storm, "registry_memory": memory,
+            "pass": storm["pass"]}
+
+
+# -- submitting ------------------------------------------------------------------------------
+def _submit(api: httpx.Client, op: dict[str, Any]) -> str:
+    response = api.post("/v1/jobs", json=op)
+    if response.status_code != 201:
+        raise RuntimeError(f"submit {op}: {response.status_code} {response.text}")
+    return str(response.json()["job_id"])
+
+
+def _submit_sequential(api: httpx.Client, n: int) -> tuple[list[float], float]:
+    latencies = []
+    started = time.perf_counter()
+    for _ in range(n):
+        t0 = time.perf_counter()
+        _submit(api, CHEAP)
+        latencies.append((time.perf_counter() - t0) * 1000)
+    return latencies, time.perf_counter() - started
+
+
+def _submit_parallel(
+    url: str, n: int, op: dict[str, Any]
+) -> tuple[list[float], float, list[str]]:
+    """``n`` submissions from ``THREADS`` threads, each with its own keep-alive client."""
+    shares = [n // THREADS + (1 if i < n % THREADS else 0) for i in range(THREADS)]
+    go = threading.Barrier(THREADS + 1)
+
+    def worker(count: int) -> tuple[list[float], list[str]]:
+        latencies, ids = [], []
+        with client(url) as api:
+            api.get("/health")  # connect before the clock starts
+            go.wait()
+            for _ in range(count):
+                t0 = time.perf_counter()
+                ids.append(_submit(api, op))
+                latencies.append((time.perf_counter() - t0) * 1000)
+        return latencies, ids
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        futures = [pool.submit(worker, share) for share in shares]
+        go.wait()
+        started = time.perf_counter()
+        results = [f.result() for f in futures]
+        elapsed = time.perf_counter() - started
+    return ([x for lat, _ in results for x in lat], elapsed,
+            [x for _, ids in results for x in ids])
+
+
+# -- the storm -------------------------------------------------------------------------------
+async def _storm(url: str, ids: list[str], concurrency: int) -> dict[str, Any]:
+    """Cancel every id at once; time until each cancel is accepted and until none is queued."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60,
+                                 trust_env=False) as http, \
+            httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as poller:
+        # Open the connections first, so the storm measures cancels, not TCP handshakes.
+        await asyncio.gather(*(http.get("/health") for _ in range(concurrency)))
+        await poller.get("/health")
+        gate = asyncio.Semaphore(concurrency)
+        codes: list[int] = []
+        ours = set(ids)
+
+        async def cancel(job_id: str) -> None:
+            async with gate:
+                response = await http.post(f"/v1/jobs/{job_id}/cancel")
+            codes.append(response.status_code)
+
+        polls = 0
+        marks: dict[str, float] = {}
+        started = time.perf_counter()
+        sending = asyncio.gather(*(cancel(j) for j in ids))
+        sending.add_done_callback(lambda _: marks.setdefault("accepted", time.perf_counter()))
+        done_s: float | None = None
+        deadline = started + 60
+        while time.perf_counter() < deadline:
+            response = await poller.get("/v1/jobs", params={"state": "queued", "limit": 10_000})
+            polls += 1
+            left = ours & {j["job_id"] for j in response.json()["jobs"]}
+            if not left and sending.done():
+                done_s = time.perf_counter() - started
+                break
+            await asyncio.sleep(0.01)
+        await sending
+        accepted_s = marks["accepted"] - started
+    return {
+        "concurrency": concurrency,
+        "all_accepted_s": round(accepted_s, 3),
+        "all_cancelled_s": None if done_s is None else round(done_s, 3),
+        "not_202": sum(1 for c in codes if c != 202),
+        "polls": polls,
+    }
+
+
+# -- reading the registry --------------------------------------------------------------------
+def _jobs(api: httpx.Client, state: str) -> list[dict[str, Any]]:
+    response = api.get("/v1/jobs", params={"state": state, "limit": 10_000})
+    response.raise_for_status()
+    return list(response.json()["jobs"])
+
+
+def _job_count(api: httpx.Client) -> int:
+    response = api.get("/v1/jobs", params={"limit": 10_000})
+    response.raise_for_status()
+    return len(response.json()["jobs"])
+
+
+def _state(api: httpx.Client, job_id: str) -> str:
+    return str(api.get(f"/v1/jobs/{job_id}").json()["state"])
+
+
+def _bytes_done(api: httpx.Client, job_id: str) -> int:
+    progress = api.get(f"/v1/jobs/{job_id}").json()["progress"] or {}
+    return int(progress.get("bytes_done", 0))
+
+
+def _wait_until(check: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout}s for {what}")
+        time.sleep(0.1)
+
+
+def _wait_terminal(api: httpx.Client, expected_at_least: int, timeout: float = 120) -> None:
+    """Until no job is queued or running (and the registry holds the jobs we sent)."""
+    def settled() -> bool:
+        jobs = api.get("/v1/jobs", params={"limit": 10_000}).json()["jobs"]
+        return len(jobs) >= expected_at_least and all(j["state"] in TERMINAL for j in jobs)
+
+    _wait_until(settled, timeout, "the submitted jobs to finish")
+
+
+def _registry_process() -> Any:
+    """The ``JobRegistry`` actor's process: by its title among this run's processes (Ray's
+    processes descend from this driver), else through Ray's state API."""
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "JobRegistry" in " ".join(proc.cmdline()):
+                return proc
+        except psutil.Error:
+            continue
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "JobRegistry"), ("state", "=", "ALIVE")])
+    if not actors:
+        raise RuntimeError("no JobRegistry actor")
+    return psutil.Process(actors[0].pid)
+
+
+def _per(delta: int, n: int) -> int | None:
+    return round(delta / n) if n > 0 else None
+
+
+# -- output ----------------------------------------------------------------------------------
+def _tables(submit: dict[str, Any], storm: dict[str, Any], memory: dict[str, Any]) -> list[Table]:
+    lat = Table(title="submit → job_id (POST /v1/jobs hive_list)")
+    for column in ("how", "n", "p50 ms", "p99 ms", "max ms", "submissions/s"):
+        lat.add_column(column, justify="left" if column == "how" else "right")
+    for how, key, rate in (("sequential, one client", "latency_ms", "per_s_sequential"),
+                           (f"{submit['threads']} threads", "latency_parallel_ms",
+                            "per_s_parallel")):
+        s = submit[key]
+        lat.add_row(how, str(s["n"]), fmt_ms(s["p50"]), fmt_ms(s["p99"]), fmt_ms(s["max"]),
+                    f"{submit[rate]:.0f}")
+
+    st = Table(title=f"cancel storm: {storm['jobs']} queued model_download jobs")
+    st.add_column("measure")
+    st.add_column("value", justify="right")
+    verdict = "[green]ok[/]" if storm["pass"] else "[red]MISS[/]"
+    done = storm["all_cancelled_s"]
+    st.add_row("submitted (8 threads)", f"{storm['submit_per_s']:.0f}/s")
+    st.add_row(f"all {storm['jobs']} cancels answered 202 ({storm['concurrency']} in flight)",
+               f"{storm['all_accepted_s']:.2f} s")
+    st.add_row(f"all cancelled (target ≤ {STORM_TARGET_S:g} s) {verdict}",
+               "timeout" if done is None else f"{done:.2f} s")
+    st.add_row("not 202 / not cancelled / ever started",
+               f"{storm['not_202']} / {storm['not_cancelled']} / {storm['started']}")
+
+    mem = Table(title=f"JobRegistry memory (pid {memory['pid']}, RSS)")
+    mem.add_column("measure")
+    mem.add_column("value", justify="right")
+    mem.add_row("at start (after warm-up)", f"{memory['rss_start_bytes'] / MiB:.1f} MiB")
+    mem.add_row(f"per finished hive_list job ({memory['hive_list_jobs']})",
+                _bytes(memory["per_hive_list_job_bytes"]))
+    mem.add_row(f"per queued model_download job ({memory['queued_download_jobs']})",
+                _bytes(memory["per_queued_download_job_bytes"]))
+    mem.add_row("change while the storm cancelled them", _bytes(memory["after_storm_delta_bytes"]))
+    mem.add_row(f"at end, holding {memory['jobs_held']} jobs",
+                f"{memory['rss_end_bytes'] / MiB:.1f} MiB")
+    return [lat, st, mem]
+
+
+def _bytes(n: int | None) -> str:
+    if n is None:
+        return "—"
+    return f"{n / KiB:.1f} KiB" if abs(n) >= KiB else f"{n} B"
+
+
+if __name__ == "__main__":
+    sys.exit(main("jobs", bench, configure))
