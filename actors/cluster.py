@@ -47,11 +47,20 @@ def ensure_cluster(config: Config) -> Any:
 
 
 def shutdown_cluster() -> None:
-    """Kill rbee's detached actors (the registry first, so no job starts meanwhile)."""
+    """Stop the engines, then kill rbee's detached actors (the registry first)."""
     names = [REGISTRY]
+    hives = []
     for node in alive_nodes():
         hive_id = hive_id_of(node["NodeID"])
         names += [hive_name(hive_id), download_name(hive_id)]
+        try:
+            hives.append(ray.get_actor(hive_name(hive_id), namespace=NAMESPACE))
+        except ValueError:
+            pass
+    try:
+        ray.get([h.stop_workers.remote() for h in hives], timeout=60)
+    except Exception:  # a dead hive has no engines left to stop
+        pass
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE))

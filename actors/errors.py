@@ -4,7 +4,7 @@ Every error carries a stable ``code`` (the wire name of SPEC §4/§7) and says w
 caller may retry. All of them survive ``pickle`` because Ray ships them between processes::
 
     RbeeError                      INTERNAL
-    ├── RequestError               (the caller's fault; never retriable)
+    ├── RequestError               BAD_REQUEST         400 (the caller's fault; never retriable)
     │   ├── MalformedBody          INVALID_JSON        400
     │   ├── Unauthorized           UNAUTHORIZED        401
     │   ├── NotFound               NOT_FOUND           404
@@ -16,6 +16,8 @@ caller may retry. All of them survive ``pickle`` because Ray ships them between 
     │       └── UnsafePath         INVALID_REQUEST     422
     ├── JobCancelled               CANCELLED
     ├── WorkerDied                 WORKER_DIED         (retriable: the actor restarts)
+    ├── ModelLoadFailed            MODEL_LOAD_FAILED
+    ├── InsufficientVram           INSUFFICIENT_VRAM   (retriable once a GPU frees up)
     ├── DownloadFailed             DOWNLOAD_FAILED     (retriable unless the bytes were wrong)
     │   └── IntegrityError         DOWNLOAD_FAILED     (checksum mismatch; fatal)
     └── InternalError              INTERNAL
@@ -53,7 +55,7 @@ def _rebuild(cls: type[RbeeError], message: str, retriable: bool) -> RbeeError:
 class RequestError(RbeeError):
     """The request itself is wrong; sending it again will not help."""
 
-    code = "INVALID_REQUEST"
+    code = "BAD_REQUEST"
 
 
 class MalformedBody(RequestError):
@@ -103,6 +105,15 @@ class WorkerDied(RbeeError):
     retriable = True
 
 
+class ModelLoadFailed(RbeeError):
+    code = "MODEL_LOAD_FAILED"
+
+
+class InsufficientVram(RbeeError):
+    code = "INSUFFICIENT_VRAM"
+    retriable = True
+
+
 class DownloadFailed(RbeeError):
     """The transfer broke; the bytes on disk are kept, so a retry resumes."""
 
@@ -131,3 +142,16 @@ def rbee_cause(exc: BaseException) -> RbeeError | None:
         nested = getattr(current, "cause", None)
         current = nested if isinstance(nested, BaseException) else current.__cause__
     return None
+
+
+def from_code(code: str, message: str) -> RbeeError:
+    """Our error for a wire ``code`` (the most general class that carries it)."""
+    classes: list[type[RbeeError]] = [RbeeError]
+    index = 0
+    while index < len(classes):
+        classes += classes[index].__subclasses__()
+        index += 1
+    for cls in classes:
+        if cls.code == code and cls.__module__ == __name__:
+            return cls(message)
+    return RbeeError(message)

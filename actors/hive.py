@@ -1,11 +1,11 @@
-"""``Hive``: one per Ray node (node-affinity scheduled). It owns the node's model catalog
-and answers the catalog and status operations as short jobs."""
+"""``Hive``: one per Ray node (node-affinity scheduled). It owns the node's model catalog and
+its inference workers, and answers the catalog, worker and status operations as jobs."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import ray
@@ -14,34 +14,83 @@ from actors import logs
 from actors.cache import Catalog
 from actors.config import Config
 from actors.events import Event, Narration, Result
-from actors.operations import HiveStatus, ModelDelete, ModelGet, ModelList
+from actors.operations import (
+    HiveStatus,
+    ModelDelete,
+    ModelGet,
+    ModelList,
+    WorkerList,
+    WorkerSpawn,
+    WorkerStop,
+)
+from actors.running import Run, Runs
+from actors.workers import WorkerPool
 
 ACTOR = "hive"
 
 
-@ray.remote(num_cpus=0, max_concurrency=100)
+@ray.remote(num_cpus=0, max_concurrency=1000)
 class Hive:
     def __init__(self, config: Config, hive_id: str, node_id: str) -> None:
         logs.configure()
         self._catalog = Catalog(config.cache_dir)
         self._hive_id = hive_id
         self._node_id = node_id
+        gpus = int(self._node().get("Resources", {}).get("GPU", 0))
+        self._workers = WorkerPool(config, self._catalog, node_id, gpus)
+        self._runs = Runs()
 
     async def run(
         self, job_id: str, op: Any, correlation_id: str | None = None
     ) -> AsyncIterator[Event]:
+        async for event in self._runs.run(
+            job_id, lambda run: self._answer(run, op, correlation_id)
+        ):
+            yield event
+
+    async def cancel(self, job_id: str) -> dict[str, Any]:
+        await self._runs.cancel(job_id)
+        return {}
+
+    async def find_worker(self, model: str, worker_id: str | None = None) -> str | None:
+        return self._workers.find(model, worker_id)
+
+    async def ensure_worker(self, model: str) -> str:
+        return await self._workers.ensure(model)
+
+    async def models(self) -> list[str]:
+        """Models this hive can serve: those its workers run and those in its cache."""
+        cached = await asyncio.to_thread(self._catalog.list)
+        served = [w["model"] for w in self._workers.list()]
+        return sorted({*served, *(m["model"] for m in cached)})
+
+    async def stop_workers(self) -> None:
+        await self._workers.stop_all()
+
+    async def _answer(
+        self, run: Run, op: Any, correlation_id: str | None
+    ) -> AsyncGenerator[Event, None]:
+        if isinstance(op, WorkerSpawn):
+            async for event in self._workers.spawn(
+                op.model, op.device, op.worker_id, correlation_id
+            ):
+                yield event
+            return
         yield Narration(
             ACTOR,
             op.operation,
             f"{op.operation} on hive {self._hive_id}",
             correlation_id=correlation_id,
         )
-        yield Result(await asyncio.to_thread(self._answer, op))
+        match op:
+            case WorkerList():
+                yield Result({"hive_id": self._hive_id, "workers": self._workers.list()})
+            case WorkerStop():
+                yield Result({"hive_id": self._hive_id, **await self._workers.stop(op.worker_id)})
+            case _:
+                yield Result(await asyncio.to_thread(self._catalog_answer, op))
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        return {}
-
-    def _answer(self, op: Any) -> dict[str, Any]:
+    def _catalog_answer(self, op: Any) -> dict[str, Any]:
         match op:
             case ModelList():
                 return {"hive_id": self._hive_id, "models": self._catalog.list()}
@@ -53,10 +102,12 @@ class Hive:
                 return self.status()
         raise TypeError(f"the hive does not run {op.operation}")
 
+    def _node(self) -> dict[str, Any]:
+        return next((n for n in ray.nodes() if n["NodeID"] == self._node_id), {})
+
     def status(self) -> dict[str, Any]:
-        node = next((n for n in ray.nodes() if n["NodeID"] == self._node_id), {})
+        node = self._node()
         resources = node.get("Resources", {})
-        models = self._catalog.list()
         return {
             "hive_id": self._hive_id,
             "node_id": self._node_id,
@@ -67,6 +118,6 @@ class Hive:
             "gpus": resources.get("GPU", 0),
             "memory_bytes": resources.get("memory", 0),
             "cache_dir": str(self._catalog.cache_dir),
-            "models": [m["model"] for m in models],
-            "workers": [],
+            "models": [m["model"] for m in self._catalog.list()],
+            "workers": self._workers.list(),
         }

@@ -140,6 +140,8 @@ class Jobs:
         failed: dict[str, Any] | None = None
         try:
             async for event in self._backend.start(record, op):
+                if record.cancel_requested:
+                    break  # from the cancel on, the cancel path alone speaks for the job
                 if isinstance(event, Error):
                     failed = {"code": event.code}
                 await self.table.emit(record.job_id, event)
@@ -180,7 +182,10 @@ def _unexpected(exc: Exception) -> dict[str, Any]:
 
 
 def _describe_stop(stats: dict[str, Any]) -> str:
-    last = stats.get("last_write_after_cancel_s")
-    if last is None:
-        return ""
-    return f"; last byte written {last * 1000:.0f} ms after the cancel"
+    for key, what in (
+        ("last_write_after_cancel_s", "byte written"),
+        ("last_token_after_cancel_s", "token"),
+    ):
+        if (last := stats.get(key)) is not None:
+            return f"; last {what} {last * 1000:.0f} ms after the cancel"
+    return ""

@@ -14,3 +14,7 @@ def hive_name(hive_id: str) -> str:
 
 def download_name(hive_id: str) -> str:
     return f"rbee:download:{hive_id}"
+
+
+def worker_name(worker_id: str) -> str:
+    return f"rbee:worker:{worker_id}"

@@ -5,7 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from actors.errors import InvalidRequest, UnsafePath
 
@@ -88,6 +96,57 @@ class ModelDelete(_Op):
     _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
 
 
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=200_000)
+
+
+class Infer(_Op):
+    """Generate text. Give ``prompt`` (raw text) or ``messages`` (the chat template applies)."""
+
+    operation: Literal["infer"]
+    model: str
+    prompt: str | None = Field(default=None, max_length=200_000)
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1, max_length=256)
+    max_tokens: int = Field(default=256, ge=1, le=32_768)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1, le=10_000)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    stop: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=8
+    )
+    ignore_eos: bool = False
+    worker_id: str | None = Field(default=None, max_length=128)
+
+    _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
+
+    @model_validator(mode="after")
+    def _one_input(self) -> Infer:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        return self
+
+
+class WorkerSpawn(_Op):
+    operation: Literal["worker_spawn"]
+    model: str
+    device: Literal["cpu", "gpu"] | None = None
+    worker_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+
+    _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
+
+
+class WorkerList(_Op):
+    operation: Literal["worker_list"]
+
+
+class WorkerStop(_Op):
+    operation: Literal["worker_stop"]
+    worker_id: str = Field(min_length=1, max_length=128)
+
+
 class HiveList(_Op):
     operation: Literal["hive_list"]
 
@@ -97,7 +156,16 @@ class HiveStatus(_Op):
 
 
 Operation = Annotated[
-    ModelDownload | ModelList | ModelGet | ModelDelete | HiveList | HiveStatus,
+    ModelDownload
+    | ModelList
+    | ModelGet
+    | ModelDelete
+    | Infer
+    | WorkerSpawn
+    | WorkerList
+    | WorkerStop
+    | HiveList
+    | HiveStatus,
     Field(discriminator="operation"),
 ]
 
@@ -130,5 +198,16 @@ def _describe(exc: ValidationError) -> str:
 
 OPERATION_NAMES = frozenset(
     cls.model_fields["operation"].annotation.__args__[0]  # type: ignore[union-attr]
-    for cls in (ModelDownload, ModelList, ModelGet, ModelDelete, HiveList, HiveStatus)
+    for cls in (
+        ModelDownload,
+        ModelList,
+        ModelGet,
+        ModelDelete,
+        Infer,
+        WorkerSpawn,
+        WorkerList,
+        WorkerStop,
+        HiveList,
+        HiveStatus,
+    )
 )

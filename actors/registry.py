@@ -19,10 +19,10 @@ from actors import logs
 from actors.config import Config
 from actors.core import JobRecord, JobState, JobTable
 from actors.errors import InvalidRequest, JobNotFound, WorkerDied
-from actors.events import Event, Result
+from actors.events import Event, Narration, Result
 from actors.jobs import Jobs
 from actors.naming import NAMESPACE, download_name, hive_id_of, hive_name
-from actors.operations import HiveList, ModelDownload, parse_operation
+from actors.operations import HiveList, Infer, ModelDownload, parse_operation
 from actors.store import JobStore
 
 
@@ -98,8 +98,17 @@ class JobRegistry:
         except JobNotFound:
             pass
 
+    async def models(self) -> list[str]:
+        """Every model some alive hive can serve (``GET /v1/models``)."""
+        names = [hive_name(hive_id_of(n["NodeID"])) for n in _alive()]
+        found = await asyncio.gather(*(_actor(n).models.remote() for n in names))
+        return sorted({m for models in found for m in models})
+
     async def count(self) -> int:
         return len(self._jobs.table)
+
+
+ACTOR = "registry"
 
 
 class RayBackend:
@@ -115,12 +124,21 @@ class RayBackend:
         if isinstance(op, HiveList):
             yield Result({"hives": await _hive_list()})
             return
-        hive_id = op.hive_id or _default_hive_id()
-        name = download_name(hive_id) if isinstance(op, ModelDownload) else hive_name(hive_id)
-        try:
-            actor = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
-            raise InvalidRequest(f"no hive {hive_id!r}") from None
+        if isinstance(op, Infer):
+            name = await _worker_for(op)
+            if name is None:
+                hive_id = op.hive_id or _default_hive_id()
+                yield Narration(
+                    ACTOR,
+                    "worker_spawn",
+                    f"no worker serves {op.model}; starting one on {hive_id}",
+                    correlation_id=record.correlation_id,
+                )
+                name = await _hive(hive_id).ensure_worker.remote(op.model)
+        else:
+            hive_id = op.hive_id or _default_hive_id()
+            name = download_name(hive_id) if isinstance(op, ModelDownload) else hive_name(hive_id)
+        actor = _actor(name)
         generator = actor.run.remote(record.job_id, op, record.correlation_id)
         self._running[record.job_id] = (actor, generator)
         try:
@@ -140,6 +158,36 @@ class RayBackend:
         ray.cancel(generator)
         result: dict[str, Any] = await confirmed
         return result
+
+
+def _actor(name: str) -> Any:
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        raise InvalidRequest(f"no actor {name!r} (unknown hive or worker)") from None
+
+
+def _hive(hive_id: str) -> Any:
+    try:
+        return ray.get_actor(hive_name(hive_id), namespace=NAMESPACE)
+    except ValueError:
+        raise InvalidRequest(f"no hive {hive_id!r}") from None
+
+
+async def _worker_for(op: Infer) -> str | None:
+    """A ready worker for the model: on the asked hive, else on any alive hive."""
+    hive_ids = [op.hive_id] if op.hive_id else [hive_id_of(n["NodeID"]) for n in _alive()]
+    for hive_id in hive_ids:
+        name: str | None = await _hive(hive_id).find_worker.remote(op.model, op.worker_id)
+        if name is not None:
+            return name
+    if op.worker_id is not None:
+        raise InvalidRequest(f"no worker {op.worker_id!r} serves {op.model!r}")
+    return None
+
+
+def _alive() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n.get("Alive")]
 
 
 def _first_line(exc: BaseException) -> str:

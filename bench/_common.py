@@ -17,8 +17,8 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +47,9 @@ log = Console(stderr=True, highlight=False, soft_wrap=True)
 out = Console(highlight=False, width=max(100, Console().width))
 
 __all__ = [
-    "GiB",
     "MB",
     "FakeHub",
+    "GiB",
     "HubProcess",
     "KiB",
     "MiB",
@@ -89,6 +89,18 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _still_cleaning(signum: int, frame: Any) -> None:
+    log.print("[yellow]still cleaning up; SIGKILL abandons Ray's processes and temp files[/]")
+
+
+def _install_signals() -> None:
+    """Ctrl+C and SIGTERM both unwind through the run's cleanup: even when a shell that
+    started us in the background left SIGINT ignored, and again after ``ray.init``, whose
+    core worker installs its own SIGTERM handler (which dies without cleaning up)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
 def main(
     name: str,
     body: Callable[[Run], dict[str, Any]],
@@ -102,25 +114,30 @@ def main(
     if configure is not None:
         configure(parser)
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGTERM, _interrupt)
+    _install_signals()
     stack = ExitStack()
-    figures: dict[str, Any] | None = None
+    interrupted = False
     try:
-        with stack:
-            stack.callback(_ray_down)  # last: whatever a half-started hive left behind
-            workdir = Path(tempfile.mkdtemp(prefix="rbee-b-"))  # short: Ray's socket paths
-            stack.callback(shutil.rmtree, workdir, ignore_errors=True)
-            run = Run(args, stack, workdir)
-            started = time.monotonic()
-            figures = body(run)
-            figures["wall_s"] = round(time.monotonic() - started, 1)
-            log.print(f"[dim]{name}: measured; cleaning up[/]")
+        stack.callback(_ray_down)  # last: whatever a half-started hive left behind
+        workdir = Path(tempfile.mkdtemp(prefix="rbee-b-"))  # short: Ray's socket paths
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        run = Run(args, stack, workdir)
+        started, load = time.monotonic(), os.getloadavg()[0]
+        figures = body(run)
+        figures["wall_s"] = round(time.monotonic() - started, 1)
+        # Others' work on the machine skews every figure; say how busy it was.
+        figures["host"] = {"cpus": os.cpu_count(), "load_1m_start": round(load, 2),
+                           "load_1m_end": round(os.getloadavg()[0], 2)}
+        log.print(f"[dim]{name}: measured; cleaning up[/]")
     except KeyboardInterrupt:
-        # A second Ctrl+C must not cut the cleanup short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupted = True
         log.print(f"[yellow]{name}: interrupted; cleaning up[/]")
+    finally:
+        # Another Ctrl+C must not cut the cleanup short (SIGKILL still does).
+        signal.signal(signal.SIGINT, _still_cleaning)
+        signal.signal(signal.SIGTERM, _still_cleaning)
         stack.close()
+    if interrupted:
         return 130
     for table in run.tables:
         out.print(table)
@@ -185,6 +202,7 @@ def start_hive(run: Run, config: Any, *, num_cpus: int = 2, dashboard: bool = Fa
     log.print("[dim]starting the hive (Ray, actors, Serve)…[/]")
     started = time.monotonic()
     hive = run.stack.enter_context(Hive.start(config=config, ray_init=ray_init))
+    _install_signals()
     log.print(f"[dim]hive up at {hive.url} in {time.monotonic() - started:.1f}s[/]")
     return hive
 
@@ -271,17 +289,6 @@ def parse_size(text: str) -> int:
     if unit not in units or not number:
         raise argparse.ArgumentTypeError(f"not a size: {text!r}")
     return int(float(number) * units[unit])
-
-
-@contextmanager
-def timed() -> Iterator[list[float]]:
-    """``with timed() as t: ...`` then ``t[0]`` is the elapsed seconds."""
-    box: list[float] = []
-    started = time.perf_counter()
-    try:
-        yield box
-    finally:
-        box.append(time.perf_counter() - started)
 
 
 # -- the fake hub in its own process ---------------------------------------------------------

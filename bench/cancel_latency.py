@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    MiB,
     HubProcess,
+    MiB,
     Run,
     client,
     fmt_ms,

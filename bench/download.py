@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    GiB,
     MB,
-    MiB,
+    GiB,
     HubProcess,
+    MiB,
     Run,
     client,
     hive_config,
@@ -74,6 +74,7 @@ def bench(run: Run) -> dict[str, Any]:
     cfg = config.downloads
     http = run.stack.enter_context(client(hive.url, timeout=600))
     stack_cache = config.cache_dir / f"models--{REPO.replace('/', '--')}"
+    requests: dict[str, int] = {}  #: hub GETs of each client's last download
 
     def measure(who: str) -> float:
         gets = hub.count("GET", "/resolve/")
@@ -94,7 +95,6 @@ def bench(run: Run) -> dict[str, Any]:
         return seconds
 
     conditions: dict[str, Any] = {}
-    requests: dict[str, int] = {}
     table = Table(title=f"download of {size / MiB:.0f} MiB from the local fake hub "
                         f"(median of {args.rounds})")
     for column in ("condition", "client", "seconds", "MB/s", "÷ hf", "GETs", "target"):

@@ -26,9 +26,9 @@ from typing import Any
 
 import httpx
 from _common import (
+    HubProcess,
     KiB,
     MiB,
-    HubProcess,
     Run,
     client,
     fmt_ms,
@@ -46,17 +46,23 @@ THREADS = 8
 SLOTS = 2  #: downloads.concurrency of the hive; that many fillers keep the queue closed
 FILLER_SIZE = 64 * MiB
 FILLER_THROTTLE = 256 * KiB  #: per connection: a filler runs about a minute
-CHEAP = {"operation": "hive_list"}
+CHEAP_OPS = ("hive_list", "hive_status", "model_list")
 TERMINAL = {"completed", "failed", "cancelled"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--submits", type=int, default=None,
                         help="submissions per latency phase (default 500; --quick: 100)")
+    parser.add_argument("--op", choices=CHEAP_OPS, default="hive_list",
+                        help="the cheap operation of the submit phases (default hive_list)")
     parser.add_argument("--storm", type=int, default=None,
                         help="queued jobs cancelled at once (default 1000; --quick: 200)")
     parser.add_argument("--storm-concurrency", type=int, default=128,
-                        help="cancel requests in flight at once during the storm")
+                        help="cancel requests in flight at once during the storm (default 128)")
+    parser.add_argument("--storm-client", choices=("aiohttp", "httpx"),
+                        default=_default_storm_client(),
+                        help="async HTTP client of the storm (default aiohttp: httpx's pool "
+                             "slows down badly with ~100 connections in flight)")
 
 
 def bench(run: Run) -> dict[str, Any]:
@@ -73,22 +79,26 @@ def bench(run: Run) -> dict[str, Any]:
     log.print(f"JobRegistry pid {registry.pid}")
 
     # -- submit latency and rate -------------------------------------------------------------
-    _submit_sequential(api, 20)  # warm every code path before the baseline
+    cheap = {"operation": args.op}
+    _submit_sequential(api, 20, cheap)  # warm every code path before the baseline
     _wait_terminal(api, 20)
     rss0, jobs0 = registry.memory_info().rss, _job_count(api)
     log.print(f"[bold]submit[/]: {n_submit} sequential, then {n_submit} from {THREADS} threads")
-    seq_lat, seq_s = _submit_sequential(api, n_submit)
-    par_lat, par_s, _ = _submit_parallel(hive.url, n_submit, CHEAP)
+    health_lat = _round_trips(api, n_submit)
+    seq_lat, seq_s = _submit_sequential(api, n_submit, cheap)
+    par_lat, par_s, _ = _submit_parallel(hive.url, n_submit, cheap)
     _wait_terminal(api, 2 * n_submit + 20)
     failed = len(_jobs(api, "failed"))
     rss1, jobs1 = registry.memory_info().rss, _job_count(api)
-    submit = {
+    submit: dict[str, Any] = {
+        "operation": args.op,
         "n": n_submit,
         "latency_ms": summary(seq_lat, 2),
         "per_s_sequential": round(n_submit / seq_s, 1),
         "threads": THREADS,
         "latency_parallel_ms": summary(par_lat, 2),
         "per_s_parallel": round(n_submit / par_s, 1),
+        "health_ms": summary(health_lat, 2),
         "failed": failed,
     }
     log.print(f"  sequential {submit['per_s_sequential']}/s, p50 "
@@ -115,7 +125,9 @@ def bench(run: Run) -> dict[str, Any]:
                            "a filler finished early?")
     rss3, jobs3 = registry.memory_info().rss, _job_count(api)
     log.print(f"  {n_storm} queued in {storm_submit_s:.1f}s; cancelling them all at once…")
-    storm = asyncio.run(_storm(hive.url, ids, args.storm_concurrency))
+    cpu = _cpu_times()
+    storm = asyncio.run(_storm(hive.url, ids, args.storm_concurrency, args.storm_client))
+    storm["cpu_s"] = _cpu_spent(cpu)
     cancelled = {j["job_id"]: j for j in _jobs(api, "cancelled")}
     started = sum(1 for j in ids if j in cancelled and cancelled[j]["started_at"] is not None)
     storm |= {
@@ -140,8 +152,9 @@ def bench(run: Run) -> dict[str, Any]:
         "pid": registry.pid,
         "rss_start_bytes": rss0,
         "rss_end_bytes": rss4,
-        "per_hive_list_job_bytes": _per(rss1 - rss0, jobs1 - jobs0),
-        "hive_list_jobs": jobs1 - jobs0,
+        "cheap_operation": args.op,
+        "per_cheap_job_bytes": _per(rss1 - rss0, jobs1 - jobs0),
+        "cheap_jobs": jobs1 - jobs0,
         "per_queued_download_job_bytes": _per(rss3 - rss2, jobs3 - jobs2),
         "queued_download_jobs": jobs3 - jobs2,
         "after_storm_delta_bytes": rss4 - rss3,
@@ -160,14 +173,26 @@ def _submit(api: httpx.Client, op: dict[str, Any]) -> str:
     return str(response.json()["job_id"])
 
 
-def _submit_sequential(api: httpx.Client, n: int) -> tuple[list[float], float]:
+def _submit_sequential(
+    api: httpx.Client, n: int, op: dict[str, Any]
+) -> tuple[list[float], float]:
     latencies = []
     started = time.perf_counter()
     for _ in range(n):
         t0 = time.perf_counter()
-        _submit(api, CHEAP)
+        _submit(api, op)
         latencies.append((time.perf_counter() - t0) * 1000)
     return latencies, time.perf_counter() - started
+
+
+def _round_trips(api: httpx.Client, n: int) -> list[float]:
+    """``GET /health`` latencies: proxy → ingress → registry and back, no job made."""
+    latencies = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        api.get("/health").raise_for_status()
+        latencies.append((time.perf_counter() - t0) * 1000)
+    return latencies
 
 
 def _submit_parallel(
@@ -199,35 +224,31 @@ def _submit_parallel(
 
 
 # -- the storm -------------------------------------------------------------------------------
-async def _storm(url: str, ids: list[str], concurrency: int) -> dict[str, Any]:
+async def _storm(url: str, ids: list[str], concurrency: int, kind: str) -> dict[str, Any]:
     """Cancel every id at once; time until each cancel is accepted and until none is queued."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60,
-                                 trust_env=False) as http, \
-            httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as poller:
+    async with _AsyncHttp(kind, url, concurrency) as http, \
+            _AsyncHttp(kind, url, 1) as poller:
         # Open the connections first, so the storm measures cancels, not TCP handshakes.
-        await asyncio.gather(*(http.get("/health") for _ in range(concurrency)))
-        await poller.get("/health")
+        await asyncio.gather(*(http.get_json("/health") for _ in range(concurrency)))
         gate = asyncio.Semaphore(concurrency)
         codes: list[int] = []
+        marks: dict[str, float] = {}
         ours = set(ids)
 
         async def cancel(job_id: str) -> None:
             async with gate:
-                response = await http.post(f"/v1/jobs/{job_id}/cancel")
-            codes.append(response.status_code)
+                codes.append(await http.post(f"/v1/jobs/{job_id}/cancel"))
+            marks["accepted"] = time.perf_counter()  # the last answer wins
 
         polls = 0
-        marks: dict[str, float] = {}
         started = time.perf_counter()
         sending = asyncio.gather(*(cancel(j) for j in ids))
-        sending.add_done_callback(lambda _: marks.setdefault("accepted", time.perf_counter()))
         done_s: float | None = None
         deadline = started + 60
         while time.perf_counter() < deadline:
-            response = await poller.get("/v1/jobs", params={"state": "queued", "limit": 10_000})
+            body = await poller.get_json("/v1/jobs", {"state": "queued", "limit": "10000"})
             polls += 1
-            left = ours & {j["job_id"] for j in response.json()["jobs"]}
+            left = ours & {j["job_id"] for j in body["jobs"]}
             if not left and sending.done():
                 done_s = time.perf_counter() - started
                 break
@@ -235,12 +256,62 @@ async def _storm(url: str, ids: list[str], concurrency: int) -> dict[str, Any]:
         await sending
         accepted_s = marks["accepted"] - started
     return {
+        "client": kind,
         "concurrency": concurrency,
         "all_accepted_s": round(accepted_s, 3),
         "all_cancelled_s": None if done_s is None else round(done_s, 3),
         "not_202": sum(1 for c in codes if c != 202),
         "polls": polls,
     }
+
+
+class _AsyncHttp:
+    """The two calls the storm makes, over aiohttp or httpx."""
+
+    def __init__(self, kind: str, url: str, connections: int) -> None:
+        self.kind = kind
+        if kind == "aiohttp":
+            import aiohttp
+
+            self._session: Any = aiohttp.ClientSession(
+                url, connector=aiohttp.TCPConnector(limit=connections), trust_env=False,
+                timeout=aiohttp.ClientTimeout(total=60),
+            )
+        else:
+            limits = httpx.Limits(max_connections=connections,
+                                  max_keepalive_connections=connections)
+            self._session = httpx.AsyncClient(base_url=url, limits=limits, timeout=60,
+                                              trust_env=False)
+
+    async def post(self, path: str) -> int:
+        if self.kind == "aiohttp":
+            async with self._session.post(path) as response:
+                await response.read()
+                return int(response.status)
+        return int((await self._session.post(path)).status_code)
+
+    async def get_json(self, path: str, params: dict[str, str] | None = None) -> Any:
+        if self.kind == "aiohttp":
+            async with self._session.get(path, params=params) as response:
+                return await response.json()
+        return (await self._session.get(path, params=params)).json()
+
+    async def __aenter__(self) -> _AsyncHttp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.kind == "aiohttp":
+            await self._session.close()
+        else:
+            await self._session.aclose()
+
+
+def _default_storm_client() -> str:
+    try:
+        import aiohttp  # noqa: F401  (comes with ray[serve])
+    except ImportError:
+        return "httpx"
+    return "aiohttp"
 
 
 # -- reading the registry --------------------------------------------------------------------
@@ -301,13 +372,45 @@ def _registry_process() -> Any:
     return psutil.Process(actors[0].pid)
 
 
+def _cpu_times() -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of this process and every process it started (Ray's included)."""
+    import psutil
+
+    me = psutil.Process()
+    out = {}
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            label = "bench client" if proc.pid == me.pid else _label(proc)
+            out[proc.pid] = (label, times.user + times.system)
+        except psutil.Error:
+            continue
+    return out
+
+
+def _label(proc: Any) -> str:
+    cmdline = proc.cmdline()
+    first = str(cmdline[0] if cmdline else proc.name())
+    return first.split()[0] if first.startswith("ray::") else str(proc.name())
+
+
+def _cpu_spent(before: dict[int, tuple[str, float]], top: int = 5) -> dict[str, float]:
+    """The processes that spent the most CPU since ``before``, seconds by label."""
+    spent: dict[str, float] = {}
+    for pid, (label, cpu) in _cpu_times().items():
+        delta = cpu - before.get(pid, (label, 0.0))[1]
+        spent[label] = spent.get(label, 0.0) + delta
+    ranked = sorted(spent.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    return {label: round(cpu, 2) for label, cpu in ranked if cpu >= 0.01}
+
+
 def _per(delta: int, n: int) -> int | None:
     return round(delta / n) if n > 0 else None
 
 
 # -- output ----------------------------------------------------------------------------------
 def _tables(submit: dict[str, Any], storm: dict[str, Any], memory: dict[str, Any]) -> list[Table]:
-    lat = Table(title="submit → job_id (POST /v1/jobs hive_list)")
+    lat = Table(title=f"submit → job_id (POST /v1/jobs {submit['operation']})")
     for column in ("how", "n", "p50 ms", "p99 ms", "max ms", "submissions/s"):
         lat.add_column(column, justify="left" if column == "how" else "right")
     for how, key, rate in (("sequential, one client", "latency_ms", "per_s_sequential"),
@@ -316,6 +419,9 @@ def _tables(submit: dict[str, Any], storm: dict[str, Any], memory: dict[str, Any
         s = submit[key]
         lat.add_row(how, str(s["n"]), fmt_ms(s["p50"]), fmt_ms(s["p99"]), fmt_ms(s["max"]),
                     f"{submit[rate]:.0f}")
+    s = submit["health_ms"]
+    lat.add_row("baseline: GET /health, no job", str(s["n"]), fmt_ms(s["p50"]), fmt_ms(s["p99"]),
+                fmt_ms(s["max"]), "")
 
     st = Table(title=f"cancel storm: {storm['jobs']} queued model_download jobs")
     st.add_column("measure")
@@ -329,13 +435,16 @@ def _tables(submit: dict[str, Any], storm: dict[str, Any], memory: dict[str, Any
                "timeout" if done is None else f"{done:.2f} s")
     st.add_row("not 202 / not cancelled / ever started",
                f"{storm['not_202']} / {storm['not_cancelled']} / {storm['started']}")
+    st.add_row("storm client", f"{storm['client']}, {storm['concurrency']} connections")
+    for label, cpu in storm["cpu_s"].items():
+        st.add_row(f"CPU during the storm: {label}", f"{cpu:.2f} s")
 
     mem = Table(title=f"JobRegistry memory (pid {memory['pid']}, RSS)")
     mem.add_column("measure")
     mem.add_column("value", justify="right")
     mem.add_row("at start (after warm-up)", f"{memory['rss_start_bytes'] / MiB:.1f} MiB")
-    mem.add_row(f"per finished hive_list job ({memory['hive_list_jobs']})",
-                _bytes(memory["per_hive_list_job_bytes"]))
+    mem.add_row(f"per finished {memory['cheap_operation']} job ({memory['cheap_jobs']})",
+                _bytes(memory["per_cheap_job_bytes"]))
     mem.add_row(f"per queued model_download job ({memory['queued_download_jobs']})",
                 _bytes(memory["per_queued_download_job_bytes"]))
     mem.add_row("change while the storm cancelled them", _bytes(memory["after_storm_delta_bytes"]))

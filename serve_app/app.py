@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -18,37 +16,19 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.config import Config
 from actors.core import JobState
-from actors.errors import (
-    BodyTooLarge,
-    InvalidRequest,
-    JobFinished,
-    MalformedBody,
-    RbeeError,
-    Unauthorized,
-    rbee_cause,
-)
+from actors.errors import InvalidRequest, JobFinished, RbeeError, Unauthorized
 from actors.operations import OPERATION_NAMES
 from serve_app import sse
 from serve_app.errors import EXCEPTION_HANDLERS
+from serve_app.jobstream import JobStream, correlation_id, new_correlation_id, remote
+from serve_app.openai import OpenAi
 
 log = logging.getLogger("rbee.http")
 
 CID_HEADER = "x-correlation-id"
 _CID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TERMINAL = {s.value for s in JobState if s.terminal}
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-async def remote(ref: Any) -> Any:
-    """Await a Ray call; our errors raised inside an actor come back as themselves."""
-    try:
-        return await ref
-    except Exception as exc:
-        cause = rbee_cause(exc)
-        if cause is not None and cause is not exc:
-            raise cause from None
-        raise
 
 
 class Api:
@@ -57,6 +37,7 @@ class Api:
     def __init__(self, config: Config, registry: Any) -> None:
         self.config = config
         self.registry = registry
+        self.jobs = JobStream(config, registry)
         token = config.server.api_token
         self._token = token.get_secret_value().encode() if token else None
 
@@ -71,6 +52,7 @@ class Api:
             Route("/v1/jobs/{job_id}/stream", guard(self.stream), methods=["GET"]),
             Route("/v1/jobs/{job_id}/cancel", guard(self.cancel_job), methods=["POST"]),
             Route("/cancel", guard(self.cancel_body), methods=["POST"]),
+            *OpenAi(self.jobs).routes(guard),
         ]
 
     def _guard(self, handler: Handler) -> Handler:
@@ -91,11 +73,9 @@ class Api:
         return JSONResponse({"status": "ok"})
 
     async def submit(self, request: Request) -> Response:
-        body = await read_json(request, self.config.server.max_body_bytes)
-        record = await remote(self.registry.submit.remote(body, correlation_id(request)))
-        job_id = record["job_id"]
+        job_id = await self.jobs.submit(request, await self.jobs.read_json(request))
         return JSONResponse(
-            {"job_id": job_id, "sse_url": f"/v1/jobs/{job_id}/stream", "state": record["state"]},
+            {"job_id": job_id, "sse_url": f"/v1/jobs/{job_id}/stream"},
             201,
             headers={"Location": f"/v1/jobs/{job_id}"},
         )
@@ -130,7 +110,7 @@ class Api:
         return await self._cancel_soon(request.path_params["job_id"], request)
 
     async def cancel_body(self, request: Request) -> Response:
-        body = await read_json(request, self.config.server.max_body_bytes)
+        body = await self.jobs.read_json(request)
         job_id = body.get("job_id") if isinstance(body, dict) else None
         if not isinstance(job_id, str) or not job_id.strip():
             raise InvalidRequest("'job_id' must be a non-empty string")
@@ -151,45 +131,13 @@ class Api:
         )
 
     async def _events(self, job_id: str, after: int) -> AsyncIterator[str]:
-        page = 1000
-        while True:
-            events, state = await remote(
-                self.registry.events.remote(job_id, after, self.config.server.keepalive_s)
-            )
-            if events:
-                yield "".join(sse.event(seq, kind, data) for seq, kind, data in events)
-                after = events[-1][0]
-            elif state not in _TERMINAL:
+        async for item in self.jobs.follow(job_id, after):
+            if item.kind == "idle":
                 yield sse.KEEPALIVE
-            if state in _TERMINAL and len(events) < page:
-                record = await remote(self.registry.job.remote(job_id))
-                yield sse.sentinel(state, record["error"])
-                return
-
-
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body as JSON, refusing bodies over ``limit`` bytes before reading them."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge(f"the body is over the {limit}-byte limit")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(f"the body is over the {limit}-byte limit")
-        chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedBody(f"the body is not valid JSON: {exc}") from None
-
-
-def correlation_id(request: Request) -> str:
-    return str(request.scope.get("state", {}).get("correlation_id") or new_correlation_id())
-
-
-def new_correlation_id() -> str:
-    return f"cid-{uuid.uuid4().hex[:16]}"
+            elif item.kind == "end":
+                yield sse.sentinel(item.data["state"], item.data["error"])
+            else:
+                yield sse.event(item.seq, item.kind, item.data)
 
 
 def _last_event_id(request: Request) -> int:
@@ -232,4 +180,4 @@ def build_app(config: Config, registry: Any) -> ASGIApp:
     return CorrelationIds(app)
 
 
-__all__ = ["Api", "RbeeError", "build_app", "read_json"]
+__all__ = ["Api", "RbeeError", "build_app"]

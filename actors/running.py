@@ -1,0 +1,76 @@
+"""Jobs running inside one actor: their asyncio tasks, and a cancel that waits for cleanup.
+
+A cancel may arrive before the job's call does (Ray does not order calls from different
+callers); the job then stops as soon as it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field
+
+from actors.events import Event
+
+
+@dataclass
+class Run:
+    task: asyncio.Task[object] | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    cancelled_at: float | None = None
+    last_output: float | None = None  #: when the job last wrote a byte or made a token
+
+    def output_after_cancel_s(self) -> float | None:
+        """When the last output came, relative to the cancel (negative: before it)."""
+        if self.last_output is None or self.cancelled_at is None:
+            return None
+        return self.last_output - self.cancelled_at
+
+
+class Runs:
+    def __init__(self, *, clock: Callable[[], float] = time.time, remember: int = 1000) -> None:
+        self._clock = clock
+        self._remember = remember
+        self._running: dict[str, Run] = {}
+        self._finished: OrderedDict[str, Run] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    async def run(
+        self, job_id: str, body: Callable[[Run], AsyncGenerator[Event, None]]
+    ) -> AsyncGenerator[Event, None]:
+        """Iterate ``body(run)`` as job ``job_id``, so ``cancel(job_id)`` can stop it."""
+        run = self._running.setdefault(job_id, Run())
+        run.task = asyncio.current_task()
+        events = body(run)
+        try:
+            if run.cancelled_at is not None:
+                raise asyncio.CancelledError
+            async for event in events:
+                if run.cancelled_at is not None:  # the cooperative flag, checked per event
+                    raise asyncio.CancelledError
+                yield event
+        finally:
+            await events.aclose()  # runs the body's cleanup now, not at garbage collection
+            run.done.set()
+            self._finished[job_id] = self._running.pop(job_id, run)
+            while len(self._finished) > self._remember:
+                self._finished.popitem(last=False)
+
+    def touch(self, run: Run) -> None:
+        run.last_output = self._clock()
+
+    async def cancel(self, job_id: str) -> Run:
+        """Cancel the job's task and wait until its cleanup ran."""
+        run = self._running.get(job_id) or self._finished.get(job_id)
+        if run is None:
+            run = self._running[job_id] = Run()
+        if run.cancelled_at is None:
+            run.cancelled_at = self._clock()
+        if run.task is not None:
+            run.task.cancel()
+            await run.done.wait()
+        return run

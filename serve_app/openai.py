@@ -1,0 +1,184 @@
+"""OpenAI-compatible inference (SPEC §6): every request is an ``infer`` job (``X-Job-Id``),
+cancellable like any job; a client that disconnects aborts its generation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from actors.errors import InvalidRequest, RbeeError
+from serve_app.jobstream import JobStream
+
+Kind = Literal["text_completion", "chat.completion"]
+
+
+class _Request(BaseModel):
+    # OpenAI clients send fields we don't use (user, logprobs, ...): accept and ignore them.
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=32_768)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    n: int = Field(default=1, ge=1, le=1)
+
+
+class CompletionRequest(_Request):
+    prompt: str | list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(_Request):
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class OpenAi:
+    def __init__(self, jobs: JobStream) -> None:
+        self._jobs = jobs
+
+    def routes(self, guard: Any) -> list[Route]:
+        return [
+            Route("/v1/models", guard(self.models), methods=["GET"]),
+            Route("/v1/completions", guard(self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", guard(self.chat), methods=["POST"]),
+        ]
+
+    async def models(self, request: Request) -> Response:
+        models = await self._jobs.models()
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "rbee"} for m in models]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def completions(self, request: Request) -> Response:
+        body = _parse(CompletionRequest, await self._jobs.read_json(request))
+        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
+        return await self._run(request, body, {"prompt": prompt}, "text_completion")
+
+    async def chat(self, request: Request) -> Response:
+        body = _parse(ChatRequest, await self._jobs.read_json(request))
+        messages = [m.model_dump() for m in body.messages]
+        return await self._run(request, body, {"messages": messages}, "chat.completion")
+
+    async def _run(
+        self, request: Request, body: _Request, what: dict[str, Any], kind: Kind
+    ) -> Response:
+        stop = [body.stop] if isinstance(body.stop, str) else body.stop
+        op = {
+            "operation": "infer",
+            "model": body.model,
+            "max_tokens": body.max_completion_tokens or body.max_tokens or 256,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": body.seed,
+            "stop": stop,
+            **what,
+        }
+        job_id = await self._jobs.submit(request, {k: v for k, v in op.items() if v is not None})
+        headers = {"X-Job-Id": job_id}
+        chunks = _Chunks(kind, job_id, body.model)
+        if body.stream:
+            return StreamingResponse(
+                self._stream(job_id, chunks), media_type="text/event-stream", headers=headers
+            )
+        try:
+            result = await self._jobs.result(job_id)
+        except asyncio.CancelledError:
+            self._jobs.cancel_soon(job_id)  # the client went away: stop generating for it
+            raise
+        return JSONResponse(chunks.whole(result), headers=headers)
+
+    async def _stream(self, job_id: str, chunks: _Chunks) -> AsyncIterator[str]:
+        finished = False
+        try:
+            yield _sse(chunks.first())
+            async for item in self._jobs.follow(job_id):
+                if item.kind == "token":
+                    yield _sse(chunks.delta(item.data["text"]))
+                elif item.kind == "result":
+                    yield _sse(chunks.last(item.data.get("finish_reason"), item.data.get("usage")))
+                elif item.kind == "error":
+                    yield _sse(
+                        {"error": {"code": item.data["code"], "message": item.data["message"]}}
+                    )
+                elif item.kind == "end":
+                    finished = True
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:
+                self._jobs.cancel_soon(job_id)
+
+
+class _Chunks:
+    """OpenAI's wire objects for one job."""
+
+    def __init__(self, kind: Kind, job_id: str, model: str) -> None:
+        self.kind, self.model = kind, model
+        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + job_id.removeprefix(
+            "job-"
+        )
+        self.created = int(time.time())
+
+    def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return {
+            "id": self.id, "object": obj, "created": self.created, "model": self.model,
+            "choices": [{"index": 0, **choice}], **extra,
+        }  # fmt: skip
+
+    def first(self) -> dict[str, Any]:
+        if self.kind == "chat.completion":
+            return self._chunk(
+                {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            )
+        return self._chunk({"text": "", "finish_reason": None})
+
+    def delta(self, text: str) -> dict[str, Any]:
+        if self.kind == "chat.completion":
+            return self._chunk({"delta": {"content": text}, "finish_reason": None})
+        return self._chunk({"text": text, "finish_reason": None})
+
+    def last(self, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
+        empty = {"delta": {}} if self.kind == "chat.completion" else {"text": ""}
+        return self._chunk({**empty, "finish_reason": finish or "stop"}, usage=usage)
+
+    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
+        text, finish = result.get("text", ""), result.get("finish_reason") or "stop"
+        if self.kind == "chat.completion":
+            choice = {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        else:
+            choice = {"text": text, "finish_reason": finish, "logprobs": None}
+        return {
+            "id": self.id, "object": self.kind, "created": self.created, "model": self.model,
+            "choices": [{"index": 0, **choice}], "usage": result.get("usage"),
+        }  # fmt: skip
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _parse(model: type[_Request], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest(f"{where}: {first['msg']}") from None
+
+
+__all__ = ["OpenAi", "RbeeError"]

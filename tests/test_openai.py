@@ -1,0 +1,115 @@
+"""The OpenAI-compatible endpoints on the real engine: each request is a cancellable job."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import job, wait_for, wait_state
+
+pytest.importorskip("vllm")
+
+
+def _chunks(response) -> list[dict]:
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append({"done": True} if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_models_lists_what_can_be_served(api, worker):
+    data = api.get("/v1/models").json()
+    assert data["object"] == "list"
+    assert worker["model"] in [m["id"] for m in data["data"]]
+
+
+def test_completion_is_a_job(api, worker):
+    response = api.post(
+        "/v1/completions",
+        json={"model": worker["model"], "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "text_completion" and body["model"] == worker["model"]
+    assert 1 <= body["usage"]["completion_tokens"] <= 12
+    record = job(api, response.headers["x-job-id"])
+    assert record["operation"] == "infer" and record["state"] == "completed"
+    assert record["result"]["text"] == body["choices"][0]["text"]
+
+
+def test_streamed_chat_completion(api, worker):
+    request = {
+        "model": worker["model"],
+        "messages": [{"role": "user", "content": "Say something about bees and hives."}],
+        "max_tokens": 16,
+        "stream": True,
+        "user": "ignored-field",
+    }
+    with api.stream("POST", "/v1/chat/completions", json=request) as response:
+        assert response.status_code == 200
+        job_id = response.headers["x-job-id"]
+        chunks = _chunks(response)
+    assert chunks[-1] == {"done": True}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks[:-1])
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert wait_state(api, job_id, "completed")["result"]["text"] == text
+
+
+def test_a_client_that_disconnects_aborts_its_generation(api, worker):
+    request = {
+        "model": worker["model"],
+        "messages": [{"role": "user", "content": "Tell me a very long story about a hive."}],
+        "max_tokens": 4000,
+        "stream": True,
+    }
+    with api.stream("POST", "/v1/chat/completions", json=request) as response:
+        job_id = response.headers["x-job-id"]
+        seen = 0
+        for line in response.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break
+    record = wait_state(api, job_id, "cancelled", timeout=5)
+    assert record["result"] is None
+
+    def idle():
+        listed = wait_state(api, api.post("/v1/jobs", json={"operation": "worker_list"}).json()["job_id"], "completed")
+        mine = [w for w in listed["result"]["workers"] if w["worker_id"] == worker["worker_id"]]
+        return mine[0]["unfinished_requests"] == 0
+
+    wait_for(idle, timeout=5)
+
+
+def test_an_openai_job_can_be_cancelled_like_any_job(api, worker):
+    request = {"model": worker["model"], "prompt": "Once upon a time", "max_tokens": 4000, "stream": True}
+    with api.stream("POST", "/v1/completions", json=request) as response:
+        job_id = response.headers["x-job-id"]
+        lines = response.iter_lines()
+        for line in lines:
+            if line.startswith("data: {") and '"text":""' not in line:
+                break
+        assert api.delete(f"/v1/jobs/{job_id}").status_code == 200
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
+    assert any('"CANCELLED"' in line for line in rest)
+    assert job(api, job_id)["state"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status"),
+    [
+        ("/v1/chat/completions", {"model": "test/tiny-llama"}, 422),
+        ("/v1/chat/completions", {"model": "test/tiny-llama", "messages": []}, 422),
+        ("/v1/completions", {"prompt": "x"}, 422),
+        ("/v1/completions", {"model": "nobody/none", "prompt": "hi"}, 404),
+    ],
+)
+def test_bad_openai_requests(api, worker, path, body, status):
+    response = api.post(path, json=body)
+    assert response.status_code == status
+    assert response.json()["error"]["code"]

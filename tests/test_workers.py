@@ -1,0 +1,68 @@
+"""Worker lifecycle: GPU pinning (2 fake GPUs), stop frees the engine, cancel during load."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+import ray
+
+from actors.naming import NAMESPACE, worker_name
+from tests.helpers import read_sse, submit, wait_for, wait_state
+
+pytest.importorskip("vllm")
+
+
+def _workers(api) -> list[dict]:
+    return wait_state(api, submit(api, {"operation": "worker_list"}), "completed")["result"]["workers"]
+
+
+def _gone(name: str) -> bool:
+    try:
+        ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return True
+    return False
+
+
+def test_two_workers_are_pinned_to_different_gpus_and_stop_frees_the_engine(api, worker, tiny_model):
+    spawn = {"operation": "worker_spawn", "model": tiny_model, "device": "gpu", "worker_id": "w-gpu2"}
+    stream = read_sse(api, f"/v1/jobs/{submit(api, spawn)}/stream", deadline_s=300)
+    assert stream.sentinel == "[DONE]", stream.events
+    second = stream.of("result")[0]
+    assert len(worker["gpu_ids"]) == len(second["gpu_ids"]) == 1
+    assert worker["gpu_ids"] != second["gpu_ids"]
+
+    third = {"operation": "worker_spawn", "model": tiny_model, "device": "gpu"}
+    refused = read_sse(api, f"/v1/jobs/{submit(api, third)}/stream", deadline_s=30)
+    assert refused.of("error")[-1]["code"] == "INSUFFICIENT_VRAM"
+
+    pid = second["pid"]
+    stopped = wait_state(api, submit(api, {"operation": "worker_stop", "worker_id": "w-gpu2"}), "completed")
+    assert stopped["result"]["stopped"] is True
+    wait_for(lambda: not psutil.pid_exists(pid), timeout=30)
+    wait_for(lambda: _gone(worker_name("w-gpu2")), timeout=30)
+    assert "w-gpu2" not in [w["worker_id"] for w in _workers(api)]
+
+
+def test_stopping_an_unknown_worker_is_a_clear_error(api, worker):
+    stream = read_sse(api, f"/v1/jobs/{submit(api, {'operation': 'worker_stop', 'worker_id': 'w-nope'})}/stream")
+    assert stream.of("error")[-1]["code"] == "WORKER_NOT_FOUND"
+
+
+def test_spawning_a_model_that_is_not_cached_fails(api, worker):
+    stream = read_sse(api, f"/v1/jobs/{submit(api, {'operation': 'worker_spawn', 'model': 'nobody/none'})}/stream")
+    assert stream.of("error")[-1]["code"] == "MODEL_NOT_FOUND"
+
+
+def test_a_cancel_during_model_load_abandons_it_and_frees_the_worker(api, worker, tiny_model):
+    spawn = {"operation": "worker_spawn", "model": tiny_model, "device": "cpu", "worker_id": "w-abandon"}
+    job_id = submit(api, spawn)
+    wait_for(lambda: "w-abandon" in [w["worker_id"] for w in _workers(api)], timeout=30)
+    started = time.monotonic()
+    assert api.delete(f"/v1/jobs/{job_id}").status_code == 200
+    assert time.monotonic() - started < 5
+    assert wait_state(api, job_id, "cancelled")["state"] == "cancelled"
+    assert "w-abandon" not in [w["worker_id"] for w in _workers(api)]
+    wait_for(lambda: _gone(worker_name("w-abandon")), timeout=120, interval=0.5)
