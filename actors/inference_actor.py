@@ -15,6 +15,7 @@ from actors.config import EngineConfig
 from actors.engine import EngineWorker
 from actors.events import Event, Token
 from actors.operations import Infer
+from actors.running import batched
 
 
 @ray.remote(max_concurrency=1000)
@@ -34,11 +35,13 @@ class InferenceActor:
 
     async def run(
         self, job_id: str, op: Infer, correlation_id: str | None = None
-    ) -> AsyncIterator[Event]:
-        async for event in self._worker.run(job_id, op, correlation_id):
-            if isinstance(event, Token):
-                self._tokens.inc(tags={"model": self._worker.model})
-            yield event
+    ) -> AsyncIterator[list[Event]]:
+        """The job's events, several per Ray object when tokens come fast."""
+        async for events in batched(self._worker.run(job_id, op, correlation_id)):
+            tokens = sum(1 for e in events if isinstance(e, Token))
+            if tokens:
+                self._tokens.inc(tokens, tags={"model": self._worker.model})
+            yield events
 
     async def cancel(self, job_id: str) -> dict[str, float | None]:
         return await self._worker.cancel(job_id)

@@ -143,7 +143,9 @@ class RayBackend:
         self._running[record.job_id] = (actor, generator)
         try:
             async for ref in generator:
-                yield await ref
+                item = await ref
+                for event in item if isinstance(item, list) else (item,):
+                    yield event
         except RayActorError as exc:
             raise WorkerDied(f"{name} died while running the job: {_first_line(exc)}") from exc
         finally:

@@ -74,3 +74,48 @@ class Runs:
             run.task.cancel()
             await run.done.wait()
         return run
+
+
+_END = object()
+
+
+async def batched(
+    events: AsyncGenerator[Event, None], max_items: int = 512
+) -> AsyncGenerator[list[Event], None]:
+    """The same events, in lists of whatever piled up while the last list was being sent.
+
+    Each item a Ray streaming call yields costs an object and a report to its owner; when
+    tokens come faster than that, sending them together keeps up without adding a wait.
+    """
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                queue.put_nowait(event)
+        except BaseException as exc:  # handed to the consumer, which raises it
+            queue.put_nowait(exc)
+            raise
+        finally:
+            queue.put_nowait(_END)
+
+    task = asyncio.create_task(pump())
+    try:
+        while True:
+            batch: list[Event] = []
+            item = await queue.get()
+            while True:
+                if item is _END:
+                    if batch:
+                        yield batch
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                batch.append(item)  # type: ignore[arg-type]
+                if queue.empty() or len(batch) >= max_items:
+                    break
+                item = queue.get_nowait()
+            yield batch
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -20,7 +20,7 @@ from actors.errors import InvalidRequest, JobFinished, RbeeError, Unauthorized
 from actors.operations import OPERATION_NAMES
 from serve_app import sse
 from serve_app.errors import EXCEPTION_HANDLERS
-from serve_app.jobstream import JobStream, correlation_id, new_correlation_id, remote
+from serve_app.jobstream import Item, JobStream, correlation_id, new_correlation_id, remote
 from serve_app.openai import OpenAi
 
 log = logging.getLogger("rbee.http")
@@ -131,13 +131,16 @@ class Api:
         )
 
     async def _events(self, job_id: str, after: int) -> AsyncIterator[str]:
-        async for item in self.jobs.follow(job_id, after):
-            if item.kind == "idle":
-                yield sse.KEEPALIVE
-            elif item.kind == "end":
-                yield sse.sentinel(item.data["state"], item.data["error"])
-            else:
-                yield sse.event(item.seq, item.kind, item.data)
+        async for batch in self.jobs.follow(job_id, after):
+            yield "".join(_wire(item) for item in batch)
+
+
+def _wire(item: Item) -> str:
+    if item.kind == "idle":
+        return sse.KEEPALIVE
+    if item.kind == "end":
+        return sse.sentinel(item.data["state"], item.data["error"])
+    return sse.event(item.seq, item.kind, item.data)
 
 
 def _last_event_id(request: Request) -> int:

@@ -64,31 +64,37 @@ class JobStream:
         record = await remote(self.registry.submit.remote(body, correlation_id(request)))
         return str(record["job_id"])
 
-    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[Item]:
-        """The job's events after ``after``, live, then one ``end`` item."""
+    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[list[Item]]:
+        """The job's events after ``after``, live, in batches, then one ``end`` item.
+
+        A poll that finds nothing within the keep-alive period yields an ``idle`` item.
+        """
         poll_s = self.config.server.keepalive_s
         while True:
             events, state = await remote(self.registry.events.remote(job_id, after, poll_s))
-            for seq, kind, data in events:
-                yield Item(seq, kind, data)
-                after = seq
-            if not events and state not in TERMINAL:
-                yield Item(after, "idle", {})
+            batch = [Item(seq, kind, data) for seq, kind, data in events]
+            if batch:
+                after = batch[-1].seq
+            elif state not in TERMINAL:
+                batch.append(Item(after, "idle", {}))
             if state in TERMINAL and len(events) < _PAGE:
                 record = await remote(self.registry.job.remote(job_id))
-                yield Item(after, "end", {"state": state, "error": record["error"]})
+                batch.append(Item(after, "end", {"state": state, "error": record["error"]}))
+                yield batch
                 return
+            yield batch
 
     async def result(self, job_id: str) -> dict[str, Any]:
         """Wait for the job; its result, or its error raised as ours."""
         result: dict[str, Any] = {}
-        async for item in self.follow(job_id):
-            if item.kind == "result":
-                result = item.data
-            elif item.kind == "end":
-                error = item.data["error"]
-                if item.data["state"] != JobState.COMPLETED.value and error:
-                    raise from_code(error["code"], error["message"])
+        async for batch in self.follow(job_id):
+            for item in batch:
+                if item.kind == "result":
+                    result = item.data
+                elif item.kind == "end":
+                    error = item.data["error"]
+                    if item.data["state"] != JobState.COMPLETED.value and error:
+                        raise from_code(error["code"], error["message"])
         return result
 
     def cancel_soon(self, job_id: str, cid: str | None = None) -> None:

@@ -106,17 +106,21 @@ class OpenAi:
         finished = False
         try:
             yield _sse(chunks.first())
-            async for item in self._jobs.follow(job_id):
-                if item.kind == "token":
-                    yield _sse(chunks.delta(item.data["text"]))
-                elif item.kind == "result":
-                    yield _sse(chunks.last(item.data.get("finish_reason"), item.data.get("usage")))
-                elif item.kind == "error":
-                    yield _sse(
-                        {"error": {"code": item.data["code"], "message": item.data["message"]}}
-                    )
-                elif item.kind == "end":
-                    finished = True
+            async for batch in self._jobs.follow(job_id):
+                out = []
+                for item in batch:
+                    if item.kind == "token":
+                        out.append(_sse(chunks.delta(item.data["text"])))
+                    elif item.kind == "result":
+                        usage = item.data.get("usage")
+                        out.append(_sse(chunks.last(item.data.get("finish_reason"), usage)))
+                    elif item.kind == "error":
+                        error = {"code": item.data["code"], "message": item.data["message"]}
+                        out.append(_sse({"error": error}))
+                    elif item.kind == "end":
+                        finished = True
+                if out:
+                    yield "".join(out)
             yield "data: [DONE]\n\n"
         finally:
             if not finished:

@@ -302,7 +302,7 @@ def test_the_default_model_is_the_embedded_one():
 def test_infer_prints_tokens_while_the_job_runs_and_ctrl_c_cancels_it(api, hive, worker):
     args = ("--model", worker["model"], "--max-tokens", "4000", "--ignore-eos")
     child = spawn(hive.url, "infer", "Once upon a time", *args)
-    child.expect(r"\S{8}")  # text on the terminal ...
+    child.expect(r"\S")  # text on the terminal ...
     newest = api.get("/v1/jobs", params={"operation": "infer", "limit": 1}).json()["jobs"][0]
     assert newest["state"] == "running"  # ... while the job is still generating
     child.sendintr()
