@@ -1,0 +1,139 @@
+"""How the registry reaches the actors that do the work: find them, start the call, stop it.
+
+Stopping is the design card's cancel: ``ray.cancel`` on the running call plus the
+cooperative flag (the actor's ``cancel``), which also waits for the actor's cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from actors.core import JobRecord
+from actors.errors import InvalidRequest, WorkerDied
+from actors.events import Event, Narration, Result
+from actors.naming import NAMESPACE, download_name, hive_id_of, hive_name
+from actors.operations import HiveList, Infer, ModelDownload
+
+ACTOR = "registry"
+_NODES_TTL_S = 5.0
+
+
+class RayBackend:
+    def __init__(self) -> None:
+        self._running: dict[str, tuple[Any, Any]] = {}
+        self._handles: dict[str, Any] = {}
+        self._nodes: tuple[float, list[dict[str, Any]]] = (0.0, [])
+
+    def start(self, record: JobRecord, op: Any) -> AsyncIterator[Event]:
+        return self._stream(record, op)
+
+    async def _stream(self, record: JobRecord, op: Any) -> AsyncIterator[Event]:
+        if isinstance(op, HiveList):
+            yield Result({"hives": _hive_list()})
+            return
+        if isinstance(op, Infer):
+            name = await self._worker_for(op)
+            if name is None:
+                hive_id = op.hive_id or _default_hive_id()
+                yield Narration(
+                    ACTOR,
+                    "worker_spawn",
+                    f"no worker serves {op.model}; starting one on {hive_id}",
+                    correlation_id=record.correlation_id,
+                )
+                name = await self._hive(hive_id).ensure_worker.remote(op.model)
+        else:
+            hive_id = op.hive_id or _default_hive_id()
+            name = download_name(hive_id) if isinstance(op, ModelDownload) else hive_name(hive_id)
+        actor = self._actor(name)
+        generator = actor.run.remote(record.job_id, op, record.correlation_id)
+        self._running[record.job_id] = (actor, generator)
+        try:
+            async for ref in generator:
+                item = await ref
+                for event in item if isinstance(item, list) else (item,):
+                    yield event
+        except RayActorError as exc:
+            self._handles.pop(name, None)  # its name may come back as a new actor
+            raise WorkerDied(f"{name} died while running the job: {_first_line(exc)}") from exc
+        finally:
+            self._running.pop(record.job_id, None)
+
+    async def stop(self, record: JobRecord) -> dict[str, Any]:
+        running = self._running.get(record.job_id)
+        if running is None:
+            return {}
+        actor, generator = running
+        confirmed = actor.cancel.remote(record.job_id)
+        ray.cancel(generator)
+        result: dict[str, Any] = await confirmed
+        return result
+
+    async def models(self) -> list[str]:
+        hives = [self._hive(hive_id_of(n["NodeID"])) for n in self._alive()]
+        found = await asyncio.gather(*(h.models.remote() for h in hives))
+        return sorted({m for models in found for m in models})
+
+    async def _worker_for(self, op: Infer) -> str | None:
+        """A ready worker for the model: on the asked hive, else on any alive hive."""
+        hive_ids = [op.hive_id] if op.hive_id else [hive_id_of(n["NodeID"]) for n in self._alive()]
+        for hive_id in hive_ids:
+            name: str | None = await self._hive(hive_id).find_worker.remote(op.model, op.worker_id)
+            if name is not None:
+                return name
+        if op.worker_id is not None:
+            raise InvalidRequest(f"no worker {op.worker_id!r} serves {op.model!r}")
+        return None
+
+    def _actor(self, name: str) -> Any:
+        """A handle by name, looked up once (the lookup blocks the event loop)."""
+        if (handle := self._handles.get(name)) is not None:
+            return handle
+        try:
+            handle = self._handles[name] = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            raise InvalidRequest(f"no actor {name!r} (unknown hive or worker)") from None
+        return handle
+
+    def _hive(self, hive_id: str) -> Any:
+        return self._actor(hive_name(hive_id))
+
+    def _alive(self) -> list[dict[str, Any]]:
+        """Alive nodes, re-read at most every few seconds (``ray.nodes`` blocks the loop)."""
+        read_at, nodes = self._nodes
+        if time.monotonic() - read_at > _NODES_TTL_S:
+            nodes = [n for n in ray.nodes() if n.get("Alive")]
+            self._nodes = (time.monotonic(), nodes)
+        return nodes
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def _default_hive_id() -> str:
+    return hive_id_of(ray.get_runtime_context().get_node_id())
+
+
+def _hive_list() -> list[dict[str, Any]]:
+    out = []
+    for node in ray.nodes():
+        resources = node.get("Resources", {})
+        out.append(
+            {
+                "hive_id": hive_id_of(node["NodeID"]),
+                "node_id": node["NodeID"],
+                "address": node.get("NodeManagerAddress"),
+                "alive": bool(node.get("Alive")),
+                "cpus": resources.get("CPU", 0),
+                "gpus": resources.get("GPU", 0),
+                "memory_bytes": resources.get("memory", 0),
+            }
+        )
+    return out
