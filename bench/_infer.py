@@ -62,3 +62,55 @@ def hive_with_worker(run: Run, model: Model, config: Any) -> Any:
         if stream.sentinel != "[DONE]":
             raise RuntimeError(f"worker_spawn failed: {stream.events}")
     return hive
+
+
+def cancel_latencies(url: str, model: Model, cancels: int) -> dict[str, list[float]]:
+    """Cancel ``cancels`` running generations with ``DELETE`` after their first tokens.
+
+    Per cancel: the DELETE round trip, the worker's "cancel accepted → last token" (from the
+    ``cancel_complete`` narration) and the last token event a watcher received after sending.
+    """
+    import re
+    import threading
+    import time
+
+    pattern = re.compile(r"last token (-?\d+) ms after the cancel")
+    figures: dict[str, list[float]] = {"delete_ms": [], "last_token_ms": [], "watcher_ms": []}
+    op = {"operation": "infer", "model": model.model, "prompt": "Count the bees in the hive:",
+          "max_tokens": 4000, "ignore_eos": True}  # fmt: skip
+    with client(url) as http, client(url) as control:
+        for _ in range(cancels):
+            job_id = http.post("/v1/jobs", json=op).json()["job_id"]
+            tokens: list[float] = []
+            started = threading.Event()
+            events: list[tuple[str, dict[str, Any]]] = []
+
+            def watch(job_id: str = job_id, tokens: list[float] = tokens,
+                      started: threading.Event = started, events: list = events) -> None:  # fmt: skip
+                def seen(kind: str, data: dict[str, Any]) -> None:
+                    if kind == "token":
+                        tokens.append(time.monotonic())
+                        if len(tokens) >= 3:
+                            started.set()
+                    events.append((kind, data))
+
+                read_sse(http, f"/v1/jobs/{job_id}/stream", on_event=seen)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            if not started.wait(120):
+                raise RuntimeError("no tokens within 120 s")
+            sent = time.monotonic()
+            response = control.delete(f"/v1/jobs/{job_id}")
+            figures["delete_ms"].append((time.monotonic() - sent) * 1000)
+            if response.status_code != 200:
+                raise RuntimeError(f"DELETE answered {response.status_code}: {response.text}")
+            watcher.join(30)
+            figures["watcher_ms"].append(max(0.0, (tokens[-1] - sent) * 1000))
+            complete = [
+                d for k, d in events if k == "narration" and d["action"] == "cancel_complete"
+            ]
+            match = pattern.search(complete[0]["message"]) if complete else None
+            if match:
+                figures["last_token_ms"].append(max(0.0, float(match.group(1))))
+    return figures
