@@ -64,6 +64,7 @@ class Config(_Section):
     preload: list[str] = Field(default_factory=lambda: ["local/smollm2-135m-instruct"])
     engine: EngineConfig = EngineConfig()
     max_events_per_job: int = Field(default=10_000, ge=16)
+    retain_jobs: int = Field(default=100_000, ge=100)  #: finished jobs the registry remembers
     cancel_cleanup_s: float = Field(default=3.0, gt=0)
 
     @classmethod

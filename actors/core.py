@@ -129,9 +129,16 @@ class _Entry:
 class JobTable:
     """Every job the hive knows, its record, its event log and who waits on it."""
 
-    def __init__(self, *, max_events: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        max_events: int = 10_000,
+        retain: int = 100_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._jobs: dict[str, _Entry] = {}
         self._max_events = max_events
+        self._retain = retain  #: finished jobs kept; the oldest go first
         self._clock = clock
 
     def __len__(self) -> int:
@@ -149,7 +156,16 @@ class JobTable:
             created_at=self._clock(),
         )
         self._jobs[record.job_id] = _Entry(record, EventLog(self._max_events), asyncio.Condition())
+        self._forget_oldest()
         return record
+
+    def _forget_oldest(self) -> None:
+        excess = len(self._jobs) - self._retain
+        if excess <= 0:
+            return
+        old = [i for i, e in self._jobs.items() if e.record.state.terminal][:excess]
+        for job_id in old:
+            del self._jobs[job_id]
 
     def restore(self, saved: dict[str, Any], events: list[LoggedEvent]) -> JobRecord:
         """Put back a job remembered on disk (see ``actors.store``)."""

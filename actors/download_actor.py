@@ -50,8 +50,10 @@ class DownloadActor:
         async for event in self._downloads.run(job_id, op, correlation_id):
             yield event
 
-    async def cancel(self, job_id: str) -> dict[str, float | None]:
-        return await self._downloads.cancel(job_id)
+    async def cancel(
+        self, job_id: str, accepted_at: float | None = None
+    ) -> dict[str, float | None]:
+        return await self._downloads.cancel(job_id, accepted_at)
 
     async def ready(self) -> bool:
         return True

@@ -48,13 +48,15 @@ class ModelDownloads:
         async for event in self._runs.run(job_id, lambda run: self._run(run, op, correlation_id)):
             yield event
 
-    async def cancel(self, job_id: str) -> dict[str, float | None]:
+    async def cancel(
+        self, job_id: str, accepted_at: float | None = None
+    ) -> dict[str, float | None]:
         """Stop a job's transfer and wait until its partial files are gone.
 
         Returns when the last byte was written relative to the cancel (seconds; negative
         means before it), so callers can report and measure the guarantee.
         """
-        run = await self._runs.cancel(job_id)
+        run = await self._runs.cancel(job_id, accepted_at)
         return {"last_write_after_cancel_s": run.output_after_cancel_s()}
 
     async def _run(

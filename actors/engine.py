@@ -165,9 +165,11 @@ class EngineWorker:
             tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         )
 
-    async def cancel(self, job_id: str) -> dict[str, float | None]:
+    async def cancel(
+        self, job_id: str, accepted_at: float | None = None
+    ) -> dict[str, float | None]:
         """Stop a generation and wait until vLLM has aborted it."""
-        run = await self._runs.cancel(job_id)
+        run = await self._runs.cancel(job_id, accepted_at)
         return {"last_token_after_cancel_s": run.output_after_cancel_s()}
 
     def stats(self) -> dict[str, Any]:

@@ -48,8 +48,8 @@ class Hive:
         ):
             yield event
 
-    async def cancel(self, job_id: str) -> dict[str, Any]:
-        await self._runs.cancel(job_id)
+    async def cancel(self, job_id: str, accepted_at: float | None = None) -> dict[str, Any]:
+        await self._runs.cancel(job_id, accepted_at)
         return {}
 
     async def find_worker(self, model: str, worker_id: str | None = None) -> str | None:

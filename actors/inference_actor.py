@@ -43,8 +43,10 @@ class InferenceActor:
                 self._tokens.inc(tokens, tags={"model": self._worker.model})
             yield events
 
-    async def cancel(self, job_id: str) -> dict[str, float | None]:
-        return await self._worker.cancel(job_id)
+    async def cancel(
+        self, job_id: str, accepted_at: float | None = None
+    ) -> dict[str, float | None]:
+        return await self._worker.cancel(job_id, accepted_at)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -28,8 +28,12 @@ class Backend(Protocol):
         """Begin the work; iterate for its events."""
         ...
 
-    async def stop(self, record: JobRecord) -> dict[str, Any]:
-        """Stop running work and wait (briefly) until it has cleaned up."""
+    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any]:
+        """Stop running work and wait (briefly) until it has cleaned up.
+
+        ``accepted_at`` (wall clock) is when the cancel was accepted: the worker reports its
+        last output relative to it.
+        """
         ...
 
 
@@ -81,7 +85,7 @@ class Jobs:
 
     async def _cancel(self, record: JobRecord, correlation_id: str | None) -> bool:
         cid = correlation_id or record.correlation_id
-        accepted = time.monotonic()
+        accepted, accepted_at = time.monotonic(), time.time()
         record.cancel_requested = True
         was = record.state
         await self.table.emit(
@@ -91,7 +95,9 @@ class Jobs:
         detail = ""
         if was is JobState.RUNNING:
             try:
-                stats = await asyncio.wait_for(self._backend.stop(record), self._cleanup_s)
+                stats = await asyncio.wait_for(
+                    self._backend.stop(record, accepted_at), self._cleanup_s
+                )
                 detail = _describe_stop(stats)
             except TimeoutError:
                 detail = f"; cleanup did not confirm within {self._cleanup_s:g}s"

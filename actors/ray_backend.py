@@ -65,12 +65,12 @@ class RayBackend:
         finally:
             self._running.pop(record.job_id, None)
 
-    async def stop(self, record: JobRecord) -> dict[str, Any]:
+    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any]:
         running = self._running.get(record.job_id)
         if running is None:
             return {}
         actor, generator = running
-        confirmed = actor.cancel.remote(record.job_id)
+        confirmed = actor.cancel.remote(record.job_id, accepted_at)
         ray.cancel(generator)
         result: dict[str, Any] = await confirmed
         return result

@@ -31,7 +31,7 @@ class JobRegistry:
         self._metrics = _Metrics()
         self._background: set[asyncio.Task[None]] = set()
         self._store = JobStore(config.state_dir)
-        table = JobTable(max_events=config.max_events_per_job)
+        table = JobTable(max_events=config.max_events_per_job, retain=config.retain_jobs)
         for saved, events in self._store.load():
             table.restore(saved, events)
         self._backend = RayBackend()
@@ -89,6 +89,27 @@ class JobRegistry:
         task = asyncio.create_task(self._cancel_quietly(job_id, correlation_id))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def request_cancel_many(
+        self,
+        job_ids: list[str] | None,
+        state: str | None,
+        operation: str | None,
+        correlation_id: str | None = None,
+    ) -> dict[str, list[str]]:
+        """Start cancels of many jobs (given ids, or every unfinished job matching filters)."""
+        table = self._jobs.table
+        if job_ids is None:
+            states = [JobState(state)] if state else [JobState.QUEUED, JobState.RUNNING]
+            job_ids = [
+                r.job_id
+                for s in states
+                for r in table.recent(state=s, operation=operation, limit=len(table))
+            ]
+        known = [j for j in job_ids if j in table]
+        for job_id in known:
+            await self.request_cancel(job_id, correlation_id)
+        return {"job_ids": known, "unknown": [j for j in job_ids if j not in table]}
 
     async def _cancel_quietly(self, job_id: str, correlation_id: str | None) -> None:
         try:

@@ -63,13 +63,16 @@ class Runs:
     def touch(self, run: Run) -> None:
         run.last_output = self._clock()
 
-    async def cancel(self, job_id: str) -> Run:
-        """Cancel the job's task and wait until its cleanup ran."""
+    async def cancel(self, job_id: str, accepted_at: float | None = None) -> Run:
+        """Cancel the job's task and wait until its cleanup ran.
+
+        ``accepted_at`` is when the cancel was accepted upstream (else now).
+        """
         run = self._running.get(job_id) or self._finished.get(job_id)
         if run is None:
             run = self._running[job_id] = Run()
         if run.cancelled_at is None:
-            run.cancelled_at = self._clock()
+            run.cancelled_at = accepted_at or self._clock()
         if run.task is not None:
             run.task.cancel()
             await run.done.wait()

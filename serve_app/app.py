@@ -46,6 +46,7 @@ class Api:
         return [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/jobs", guard(self.submit), methods=["POST"]),
+            Route("/v1/jobs/cancel", guard(self.cancel_many), methods=["POST"]),
             Route("/v1/jobs", guard(self.list_jobs), methods=["GET"]),
             Route("/v1/jobs/{job_id}", guard(self.get_job), methods=["GET"]),
             Route("/v1/jobs/{job_id}", guard(self.delete_job), methods=["DELETE"]),
@@ -115,6 +116,32 @@ class Api:
         if not isinstance(job_id, str) or not job_id.strip():
             raise InvalidRequest("'job_id' must be a non-empty string")
         return await self._cancel_soon(job_id, request)
+
+    async def cancel_many(self, request: Request) -> Response:
+        """Cancel many jobs with one request: ``{"job_ids": [...]}`` or filters
+        ``{"state": "queued"|"running", "operation": ...}`` (no filter: every unfinished job)."""
+        body = await self.jobs.read_json(request)
+        if not isinstance(body, dict) or set(body) - {"job_ids", "state", "operation"}:
+            raise InvalidRequest("give 'job_ids', or 'state' and/or 'operation'")
+        job_ids, state, operation = body.get("job_ids"), body.get("state"), body.get("operation")
+        if job_ids is not None and (
+            not isinstance(job_ids, list)
+            or not all(isinstance(j, str) and j for j in job_ids)
+            or len(job_ids) > 100_000
+            or state is not None
+            or operation is not None
+        ):
+            raise InvalidRequest("'job_ids' must be a list of job ids, alone")
+        if state not in (None, JobState.QUEUED.value, JobState.RUNNING.value):
+            raise InvalidRequest("'state' must be 'queued' or 'running'")
+        if operation is not None and operation not in OPERATION_NAMES:
+            raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
+        answer = await remote(
+            self.registry.request_cancel_many.remote(
+                job_ids, state, operation, correlation_id(request)
+            )
+        )
+        return JSONResponse({"status": "cancelling", **answer}, 202)
 
     async def _cancel_soon(self, job_id: str, request: Request) -> Response:
         await remote(self.registry.request_cancel.remote(job_id, correlation_id(request)))

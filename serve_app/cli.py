@@ -9,6 +9,7 @@ running job cancels it on the server and exits 130; a second Ctrl+C exits at onc
 from __future__ import annotations
 
 import os
+import queue
 import signal
 import sys
 import threading
@@ -42,6 +43,7 @@ console = Console(stderr=True)
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead, for scripts.")]
 HiveId = Annotated[str | None, typer.Option("--hive", help="The hive to run on (default: local).")]
 DEFAULT_MODEL = "local/smollm2-135m-instruct"  #: the embedded model (SPEC §10)
+TERMINAL = ("completed", "failed", "cancelled")
 CANCEL_TIMEOUT_S = 2.0
 CANCEL_WAIT_S = 5.0
 INTERRUPTED = 130
@@ -102,28 +104,30 @@ def _follow_job(
                 view.show(item)
         except KeyboardInterrupt:
             view.close()
-            _cancel_and_exit(client.url, job_id)
+            _cancel_and_exit(client, job_id)
         finally:
             view.close()
     return view.result
 
 
-def _cancel_and_exit(url: str, job_id: str) -> NoReturn:
-    """First Ctrl+C: cancel on the server (2 s to accept), wait up to 5 s for it to end."""
+def _cancel_and_exit(client: Client, job_id: str) -> NoReturn:
+    """First Ctrl+C: ask the server to cancel (2 s to accept), wait up to 5 s for the job to
+    end, exit 130. The calls run on a helper thread so these bounds hold whatever the network
+    does; a second Ctrl+C exits at once."""
     signal.signal(signal.SIGINT, _exit_now)
     console.print(f"cancelling job {job_id} ...", highlight=False)
-    state = "unknown"
+    news: queue.Queue[str | RbeeError] = queue.Queue()
+    threading.Thread(target=_cancel, args=(client, job_id, news), daemon=True).start()
     try:
-        with Client(url, timeout=CANCEL_TIMEOUT_S) as quick:
-            quick.cancel(job_id)
-            deadline = time.monotonic() + CANCEL_WAIT_S
-            while time.monotonic() < deadline:
-                state = quick.job(job_id)["state"]
-                if state in ("completed", "failed", "cancelled"):
-                    break
-                time.sleep(0.05)
-    except RbeeError as exc:
-        _fail(f"could not cancel job {job_id}: {exc.message}", INTERRUPTED)
+        accepted = news.get(timeout=CANCEL_TIMEOUT_S)
+    except queue.Empty:
+        accepted = ServerUnavailable(f"rbee did not answer within {CANCEL_TIMEOUT_S:g} s")
+    if isinstance(accepted, RbeeError):
+        _fail(f"could not cancel job {job_id}: {accepted.message}", INTERRUPTED)
+    try:
+        state = news.get(timeout=CANCEL_WAIT_S)
+    except queue.Empty:
+        state = "unconfirmed"
     if state == "cancelled":
         console.print(f"cancelled job {job_id}", highlight=False)
     elif state in ("completed", "failed"):
@@ -131,6 +135,17 @@ def _cancel_and_exit(url: str, job_id: str) -> NoReturn:
     else:
         console.print(f"asked to cancel job {job_id}; not confirmed within {CANCEL_WAIT_S:g} s")
     raise typer.Exit(INTERRUPTED)
+
+
+def _cancel(client: Client, job_id: str, news: queue.Queue[str | RbeeError]) -> None:
+    try:
+        client.cancel(job_id)
+        news.put("accepted")
+        while (state := client.job(job_id)["state"]) not in TERMINAL:
+            time.sleep(0.05)
+        news.put(state)
+    except RbeeError as exc:
+        news.put(exc)
 
 
 def _exit_now(*_: object) -> None:

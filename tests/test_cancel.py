@@ -157,3 +157,37 @@ def test_every_cancelled_job_is_terminal_within_5s(api, slow_hub):
     for job_id in jobs + queued:
         wait_state(api, job_id, "cancelled", "failed", timeout=5)
     assert time.monotonic() - started < 5
+
+
+def test_bulk_cancel_of_queued_jobs(api, slow_hub):
+    running = [_start_download(api, slow_hub, 64 * MiB)[1] for _ in range(2)]
+    queued = [submit(api, {"operation": "model_download", "model": "org/bulk"}) for _ in range(20)]
+    assert all(job(api, j)["state"] == "queued" for j in queued)
+    response = api.post("/v1/jobs/cancel", json={"state": "queued", "operation": "model_download"})
+    assert response.status_code == 202
+    assert set(queued) <= set(response.json()["job_ids"])
+    for job_id in queued:
+        record = wait_state(api, job_id, "cancelled", timeout=5)
+        assert record["started_at"] is None
+    by_id = api.post("/v1/jobs/cancel", json={"job_ids": [*running, "job-ghost"]})
+    assert by_id.status_code == 202
+    assert by_id.json()["unknown"] == ["job-ghost"]
+    for job_id in running:
+        wait_state(api, job_id, "cancelled", timeout=5)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        [],
+        {"job_ids": "x"},
+        {"job_ids": [1]},
+        {"state": "completed"},
+        {"operation": "dance"},
+        {"job_ids": ["a"], "state": "queued"},
+        {"what": 1},
+    ],
+)
+def test_bulk_cancel_refuses_bad_bodies(api, body):
+    response = api.post("/v1/jobs/cancel", json=body)
+    assert response.status_code == 422

@@ -113,8 +113,8 @@ def test_ctrl_c_on_jobs_stream_stops_watching_but_not_the_job(api, hive, slow_hu
 
 
 class FreezingProxy:
-    """A TCP proxy to the hive; once ``frozen``, new connections are accepted and never
-    answered, so a cancel request hangs as it would against a wedged server."""
+    """A TCP proxy to the hive; once ``frozen`` it forwards nothing more, either way, so a
+    cancel request hangs as it would against a wedged server."""
 
     def __init__(self, upstream: str) -> None:
         self._upstream = ("127.0.0.1", int(upstream.rsplit(":", 1)[1]))
@@ -144,15 +144,15 @@ class FreezingProxy:
             up = socket.create_connection(self._upstream)
             self._held.append(up)
             for a, b in ((down, up), (up, down)):
-                threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-
-def _pipe(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while chunk := source.recv(65536):
-            sink.sendall(chunk)
-    except OSError:
-        pass
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                if not self.frozen.is_set():
+                    sink.sendall(chunk)
+        except OSError:
+            pass
 
 
 def test_a_second_ctrl_c_exits_at_once(api, hive, slow_hub):

@@ -118,3 +118,15 @@ def test_rbee_cause_finds_wrapped_error():
 
     assert errors.rbee_cause(Wrapper(inner)) is inner
     assert errors.rbee_cause(ValueError("x")) is None
+
+
+async def test_the_oldest_finished_jobs_are_forgotten_past_the_cap():
+    table = JobTable(retain=3)
+    first = table.create("hive_list", {}, "c")
+    running = table.create("hive_list", {}, "c")
+    await table.transition(first.job_id, JobState.CANCELLED)
+    await table.transition(running.job_id, JobState.RUNNING)
+    newer = [table.create("hive_list", {}, "c") for _ in range(2)]
+    assert first.job_id not in table  # finished and oldest: gone
+    assert running.job_id in table  # unfinished jobs are never forgotten
+    assert all(r.job_id in table for r in newer)

@@ -41,7 +41,7 @@ class LocalBackend:
             raise DownloadFailed("connection reset")
         yield Result({"done": True})
 
-    async def stop(self, record):
+    async def stop(self, record, accepted_at):
         self.stopped.append(record.job_id)
         task = self.tasks.get(record.job_id)
         if task is not None:
@@ -148,7 +148,7 @@ async def test_no_event_after_the_terminal_one(jobs, backend):
 
 
 async def test_a_stop_that_hangs_still_ends_the_job(backend):
-    async def hang(record):
+    async def hang(record, accepted_at):
         await asyncio.sleep(30)
 
     backend.stop = hang
