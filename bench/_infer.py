@@ -51,7 +51,13 @@ def prepare(run: Run) -> tuple[Model, Any]:
 def hive_with_worker(run: Run, model: Model, config: Any) -> Any:
     """A running hive with one worker serving ``model`` (downloaded first when on the hub)."""
     hive = start_hive(run, config)
-    with client(hive.url) as http:
+    add_worker(hive.url, model)
+    return hive
+
+
+def add_worker(url: str, model: Model) -> dict[str, Any]:
+    """Download ``model`` when it comes from the hub, then start a worker for it."""
+    with client(url) as http:
         if model.model == TINY:
             job = http.post("/v1/jobs", json={"operation": "model_download", "model": TINY}).json()
             assert read_sse(http, f"/v1/jobs/{job['job_id']}/stream").sentinel == "[DONE]"
@@ -61,7 +67,7 @@ def hive_with_worker(run: Run, model: Model, config: Any) -> Any:
         stream = read_sse(http, f"/v1/jobs/{job['job_id']}/stream")
         if stream.sentinel != "[DONE]":
             raise RuntimeError(f"worker_spawn failed: {stream.events}")
-    return hive
+        return stream.of("result")[0]
 
 
 def cancel_latencies(url: str, model: Model, cancels: int) -> dict[str, list[float]]:
@@ -75,7 +81,9 @@ def cancel_latencies(url: str, model: Model, cancels: int) -> dict[str, list[flo
     import time
 
     pattern = re.compile(r"last token (-?\d+) ms after the cancel")
-    figures: dict[str, list[float]] = {"delete_ms": [], "last_token_ms": [], "watcher_ms": []}
+    figures: dict[str, list[float]] = {
+        "delete_ms": [], "last_token_ms": [], "last_token_raw_ms": [], "watcher_ms": []
+    }  # fmt: skip
     op = {"operation": "infer", "model": model.model, "prompt": "Count the bees in the hive:",
           "max_tokens": 4000, "ignore_eos": True}  # fmt: skip
     with client(url) as http, client(url) as control:
@@ -112,5 +120,6 @@ def cancel_latencies(url: str, model: Model, cancels: int) -> dict[str, list[flo
             ]
             match = pattern.search(complete[0]["message"]) if complete else None
             if match:
+                figures["last_token_raw_ms"].append(float(match.group(1)))
                 figures["last_token_ms"].append(max(0.0, float(match.group(1))))
     return figures
