@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from rich.console import Console
@@ -19,12 +19,13 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TaskID,
     TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from actors.events import Narration, Result, Token, payload
 from actors.events import Progress as ProgressEvent
@@ -41,11 +42,28 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str), flush=True)
 
 
+class _Rate(ProgressColumn):
+    """The server's transfer rate (rich's own estimate is wrong for a replayed stream)."""
+
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate_bps")
+        return Text(f"{decimal(int(rate))}/s" if rate else "?", style="progress.data.speed")
+
+
+class _Eta(ProgressColumn):
+    """The server's estimate of the time left."""
+
+    def render(self, task: Task) -> Text:
+        eta = task.fields.get("eta_s")
+        shown = "-:--:--" if eta is None else str(timedelta(seconds=round(eta)))
+        return Text(shown, style="progress.remaining")
+
+
 class JobView:
     """Shows one job's events as they arrive.
 
     ``json_lines``: one JSON object per event on stdout. Otherwise a download bar (bytes,
-    rate, ETA) fed by ``progress`` events, tokens printed as they come, narration as dim
+    and the server's rate and ETA) fed by ``progress`` events, tokens printed as they come, narration as dim
     lines on stderr (``narration=False`` keeps only warnings). ``error`` events are left
     to the caller, which gets them raised by ``Client.stream``.
     """
@@ -86,8 +104,8 @@ class JobView:
         elif isinstance(event, Narration) and (self.narration or event.level == "warn"):
             style = "yellow" if event.level == "warn" else "dim"
             console = self._bar.console if self._bar is not None else self.console
-            line = f"[{style}]{escape(event.actor)}: {escape(event.message)}[/]"
-            console.print(line, soft_wrap=True)
+            text = f"[{style}]{escape(event.actor)}: {escape(event.message)}[/]"
+            console.print(text, soft_wrap=True)
 
     def _progress(self, event: ProgressEvent) -> None:
         if self._bar is None:
@@ -95,8 +113,8 @@ class JobView:
                 TextColumn("{task.description}"),
                 BarColumn(),
                 DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
+                _Rate(),
+                _Eta(),
                 console=self.console,
             )
             self._bar.start()
@@ -107,6 +125,8 @@ class JobView:
             completed=event.bytes_done,
             total=event.bytes_total or None,
             description=escape(event.file or "download"),
+            rate_bps=event.rate_bps,
+            eta_s=event.eta_s,
         )
 
     def close(self) -> None:
@@ -148,7 +168,7 @@ def key_values(record: Mapping[str, Any], title: str | None = None) -> None:
     out.print(table)
 
 
-def rows(items: list[Mapping[str, Any]], empty: str) -> None:
+def rows(items: Sequence[Mapping[str, Any]], empty: str) -> None:
     """A table of dicts, one column per key (in first-seen order)."""
     if not items:
         err.print(empty)
@@ -219,11 +239,15 @@ def hives(result: dict[str, Any]) -> None:
     rows(listed, "no hives")
 
 
+_WORKER_COLUMNS = ("worker_id", "model", "device", "state", "running_jobs", "served", "hive_id")
+
+
 def workers(result: dict[str, Any]) -> None:
-    if isinstance(result.get("workers"), list):
-        rows(result["workers"], "no workers")
-    else:
+    listed = result.get("workers")
+    if not isinstance(listed, list):
         key_values(result)
+        return
+    rows([{k: w[k] for k in _WORKER_COLUMNS if k in w} for w in listed], "no workers")
 
 
 def inferred(view: JobView) -> Renderer:
