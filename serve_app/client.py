@@ -2,6 +2,7 @@
 
 ::
 
+    from actors.events import Progress
     from serve_app.client import Client, operation
 
     with Client() as rbee:                       # RBEE_URL, else http://127.0.0.1:7835
@@ -20,10 +21,12 @@ answered. ``RBEE_API_TOKEN`` (or ``token=``) is sent as ``Authorization: Bearer`
 Inside a Ray application: rbee's Serve ingress is an ASGI app, so its own
 ``serve.get_app_handle("rbee")`` takes HTTP requests, not method calls. ``AsyncClient`` is a
 plain class with async methods, so it *is* a deployment — bind it once and every other
-deployment reaches rbee through a ``DeploymentHandle``, typed events and errors included::
+deployment reaches rbee through a ``DeploymentHandle``, typed events and errors included
+(``tests/test_client.py`` runs exactly this; a sync ``Client`` would block a replica's loop)::
 
     from ray import serve
     from ray.serve.handle import DeploymentHandle
+    from serve_app.client import AsyncClient, operation
 
     @serve.deployment
     class Fetcher:
