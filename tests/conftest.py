@@ -60,8 +60,20 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
         "_temp_dir": str(ray_dir),
         "log_to_driver": False,
     }
-    with Hive.start(config=config, ray_init=ray_init) as running:
-        yield running
+    shm_before = _shm_segments()
+    try:
+        with Hive.start(config=config, ray_init=ray_init) as running:
+            yield running
+    finally:
+        # Engines are shut down with the hive; a crashed one can leave vLLM's shared-memory
+        # segments behind. Every process of the session is gone now: remove the ones it made.
+        for path in _shm_segments() - shm_before:
+            path.unlink(missing_ok=True)
+
+
+def _shm_segments() -> set[Path]:
+    shm = Path("/dev/shm")
+    return set(shm.glob("psm_*")) if shm.is_dir() else set()
 
 
 @pytest.fixture
