@@ -144,14 +144,22 @@ def rbee_cause(exc: BaseException) -> RbeeError | None:
     return None
 
 
-def from_code(code: str, message: str) -> RbeeError:
-    """Our error for a wire ``code`` (the most general class that carries it)."""
-    classes: list[type[RbeeError]] = [RbeeError]
-    index = 0
-    while index < len(classes):
-        classes += classes[index].__subclasses__()
-        index += 1
-    for cls in classes:
-        if cls.code == code and cls.__module__ == __name__:
-            return cls(message)
-    return RbeeError(message)
+def error_class(code: str) -> type[RbeeError] | None:
+    """The most specific error class that itself declares the wire ``code``
+    (``MODEL_NOT_FOUND`` -> ``ModelNotFound``, ``INTERNAL`` -> ``InternalError``), or None.
+
+    Subclasses defined elsewhere (the client's) count; Ray's wrappers of our errors do not.
+    """
+    best: type[RbeeError] | None = None
+    depth = -1
+    stack: list[tuple[type[RbeeError], int]] = [(RbeeError, 0)]
+    while stack:
+        cls, level = stack.pop()
+        if (
+            cls.__dict__.get("code") == code
+            and level > depth
+            and not cls.__module__.startswith("ray")
+        ):
+            best, depth = cls, level
+        stack += [(sub, level + 1) for sub in cls.__subclasses__()]
+    return best

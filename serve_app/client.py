@@ -56,7 +56,7 @@ from typing import Any
 
 import httpx
 
-from actors.errors import JobCancelled, RbeeError
+from actors.errors import JobCancelled, RbeeError, error_class
 from actors.events import Error, Event, Narration, Progress, Result, Token, payload
 
 DEFAULT_URL = "http://127.0.0.1:7835"
@@ -91,21 +91,6 @@ class ServerError(RbeeError):
 
 def _server_error(message: str, retriable: bool, code: str) -> ServerError:
     return ServerError(message, retriable=retriable, code=code)
-
-
-def error_class(code: str) -> type[RbeeError] | None:
-    """The most specific rbee error class that declares ``code`` (``MODEL_NOT_FOUND`` ->
-    ``ModelNotFound``), or None."""
-    best: type[RbeeError] | None = None
-    depth = -1
-    stack: list[tuple[type[RbeeError], int]] = [(RbeeError, 0)]
-    while stack:
-        cls, level = stack.pop()
-        ours = cls.__module__.startswith("actors.") or cls.__module__ == __name__
-        if ours and cls.__dict__.get("code") == code and level > depth:
-            best, depth = cls, level
-        stack += [(sub, level + 1) for sub in cls.__subclasses__()]
-    return best
 
 
 def to_error(code: str, message: str, retriable: bool | None = None) -> RbeeError:

@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from actors.config import Config
 from actors.core import JobState
-from actors.errors import BodyTooLarge, MalformedBody, from_code, rbee_cause
+from actors.errors import BodyTooLarge, MalformedBody, RbeeError, error_class, rbee_cause
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 _PAGE = 1000
@@ -94,7 +94,8 @@ class JobStream:
                 elif item.kind == "end":
                     error = item.data["error"]
                     if item.data["state"] != JobState.COMPLETED.value and error:
-                        raise from_code(error["code"], error["message"])
+                        cls = error_class(error["code"]) or RbeeError
+                        raise cls(error["message"])
         return result
 
     def cancel_soon(self, job_id: str, cid: str | None = None) -> None:

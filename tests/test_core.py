@@ -130,3 +130,18 @@ async def test_the_oldest_finished_jobs_are_forgotten_past_the_cap():
     assert first.job_id not in table  # finished and oldest: gone
     assert running.job_id in table  # unfinished jobs are never forgotten
     assert all(r.job_id in table for r in newer)
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("MODEL_NOT_FOUND", errors.ModelNotFound),
+        ("INVALID_REQUEST", errors.InvalidRequest),
+        ("DOWNLOAD_FAILED", errors.DownloadFailed),
+        ("INTERNAL", errors.InternalError),
+        ("WORKER_DIED", errors.WorkerDied),
+        ("NO_SUCH_CODE", None),
+    ],
+)
+def test_error_class_of_a_wire_code(code, cls):
+    assert errors.error_class(code) is cls
