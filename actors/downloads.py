@@ -38,7 +38,6 @@ class ModelDownloads:
         self._vendors = vendors
         self._heartbeat_s = heartbeat_s
         self._files_at_once = files_at_once
-        self._clock = clock
         self._count_bytes = count_bytes or (lambda n: None)
         self._runs = Runs(clock=clock)
 

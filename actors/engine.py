@@ -55,7 +55,6 @@ class EngineWorker:
         self.worker_id = worker_id
         self.model = model
         self._factory = factory
-        self._clock = clock
         self._engine: Any = None
         self._loading: asyncio.Future[Any] | None = None
         self._runs = Runs(clock=clock)
