@@ -30,6 +30,13 @@ class DownloadConfig(_Section):
     segments: int = Field(default=4, ge=1, le=32)
     retries: int = Field(default=3, ge=0, le=20)
     heartbeat_s: float = Field(default=0.5, gt=0, le=1.0)  #: progress at least this often
+    stall_s: float = Field(default=30.0, gt=0)  #: no byte for this long: retry, then fail
+    deadline_s: float | None = Field(default=None, gt=0)  #: a whole download job, at most
+    max_redirects: int = Field(default=10, ge=0, le=50)
+    max_files: int = Field(default=100_000, ge=1)  #: files one listing may name
+    max_listing_pages: int = Field(default=1_000, ge=1)  #: pages one listing may take
+    max_api_bytes: int = Field(default=64 << 20, ge=1024)  #: one hub API answer, at most
+    url_max_bytes: int | None = Field(default=None, ge=1)  #: ``url`` files with no length
 
 
 class EngineConfig(_Section):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
+import huggingface_hub
 import ray
 from ray.util import metrics
 
@@ -14,7 +15,7 @@ from actors.downloads import ModelDownloads
 from actors.events import Event
 from actors.operations import ModelDownload
 from actors.transfer import BandwidthLimiter, Downloader
-from actors.vendors import HfVendor, UrlVendor
+from actors.vendors import HfVendor, UrlVendor, hub_client_factory
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
@@ -22,11 +23,14 @@ class DownloadActor:
     def __init__(self, config: Config) -> None:
         logs.configure()
         cfg = config.downloads
+        # A hub that goes silent is waited for stall_s, then the transfer is retried.
         self._client = httpx.AsyncClient(
-            timeout=httpx.Timeout(30.0, read=60.0),
+            timeout=httpx.Timeout(cfg.stall_s),
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=16),
             follow_redirects=True,
+            max_redirects=cfg.max_redirects,
         )
+        huggingface_hub.set_client_factory(hub_client_factory(cfg))
         downloader = Downloader(
             self._client,
             limiter=BandwidthLimiter(cfg.bandwidth_limit_bps),
@@ -36,12 +40,16 @@ class DownloadActor:
         )
         token = config.hub.token.get_secret_value() if config.hub.token else None
         vendors = {
-            "hf": HfVendor(config.hub.endpoint, token, config.cache_dir),
-            "url": UrlVendor(self._client, config.cache_dir),
+            "hf": HfVendor(config.hub.endpoint, token, config.cache_dir, cfg),
+            "url": UrlVendor(self._client, config.cache_dir, cfg),
         }
         moved = metrics.Counter("rbee_download_bytes_total", "Bytes written by downloads")
         self._downloads = ModelDownloads(
-            downloader, vendors, heartbeat_s=cfg.heartbeat_s, count_bytes=moved.inc
+            downloader,
+            vendors,
+            heartbeat_s=cfg.heartbeat_s,
+            deadline_s=cfg.deadline_s,
+            count_bytes=moved.inc,
         )
 
     async def run(

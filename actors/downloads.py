@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
 from actors.downloads_progress import ProgressMeter
-from actors.errors import InvalidRequest
+from actors.errors import DownloadFailed, InvalidRequest
 from actors.events import Event, Narration, Progress, Result
 from actors.operations import ModelDownload
 from actors.running import Run, Runs
@@ -31,12 +31,14 @@ class ModelDownloads:
         *,
         heartbeat_s: float = 0.5,
         files_at_once: int = 4,
+        deadline_s: float | None = None,
         clock: Callable[[], float] = time.time,
         count_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self._downloader = downloader
         self._vendors = vendors
         self._heartbeat_s = heartbeat_s
+        self._deadline_s = deadline_s
         self._files_at_once = files_at_once
         self._count_bytes = count_bytes or (lambda n: None)
         self._runs = Runs(clock=clock)
@@ -68,7 +70,13 @@ class ModelDownloads:
         if vendor is None:
             raise InvalidRequest(f"unknown vendor {op.vendor!r}")
         yield say("plan", f"resolving {op.model}@{op.revision} ({op.vendor})")
-        plan = await vendor.plan(op)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self._deadline_s or float("inf"))
+        try:
+            async with asyncio.timeout_at(deadline if self._deadline_s else None):
+                plan = await vendor.plan(op)
+        except TimeoutError:
+            raise self._late() from None
         yield say(
             "plan_ready",
             f"{op.model}@{plan.commit[:12]}: {len(plan.files)} files, {plan.bytes_total} bytes",
@@ -77,20 +85,26 @@ class ModelDownloads:
         fetching = asyncio.create_task(self._fetch_all(plan, meter, run))
         try:
             while not fetching.done():
-                await asyncio.wait({fetching}, timeout=self._heartbeat_s)
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise self._late()
+                await asyncio.wait({fetching}, timeout=min(self._heartbeat_s, left))
                 yield _progress(meter)
             fetching.result()
         finally:
             if not fetching.done():
                 fetching.cancel()
                 await asyncio.gather(fetching, return_exceptions=True)
-        for planned in plan.files:
-            plan.layout.link(plan.commit, planned.path, planned.etag)
-        plan.layout.write_ref(plan.revision, plan.commit)
+        _link(plan)
         final = _progress(meter)
         yield final
         yield say("done", f"{op.model}@{plan.commit[:12]} is in the cache")
         yield Result(_result(plan, final))
+
+    def _late(self) -> DownloadFailed:
+        return DownloadFailed(
+            f"the download did not finish within {self._deadline_s:g} s (downloads.deadline_s)"
+        )
 
     async def _fetch_all(self, plan: DownloadPlan, meter: ProgressMeter, run: Run) -> None:
         slots = asyncio.Semaphore(self._files_at_once)
@@ -113,6 +127,18 @@ class ModelDownloads:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _link(plan: DownloadPlan) -> None:
+    """The snapshot's links and the revision's ref, once every blob is in."""
+    try:
+        for planned in plan.files:
+            plan.layout.link(plan.commit, planned.path, planned.etag)
+        plan.layout.write_ref(plan.revision, plan.commit)
+    except OSError as exc:
+        raise DownloadFailed(
+            f"cannot link {plan.model}@{plan.commit[:12]} in the cache: {exc}", retriable=False
+        ) from exc
 
 
 def _progress(meter: ProgressMeter) -> Progress:

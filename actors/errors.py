@@ -19,7 +19,8 @@ caller may retry. All of them survive ``pickle`` because Ray ships them between 
     ├── ModelLoadFailed            MODEL_LOAD_FAILED
     ├── InsufficientVram           INSUFFICIENT_VRAM   (retriable once a GPU frees up)
     ├── DownloadFailed             DOWNLOAD_FAILED     (retriable unless the bytes were wrong)
-    │   └── IntegrityError         DOWNLOAD_FAILED     (checksum mismatch; fatal)
+    │   ├── IntegrityError         DOWNLOAD_FAILED     (checksum mismatch; fatal)
+    │   └── BadHubAnswer           DOWNLOAD_FAILED     (the hub broke the protocol's rules; fatal)
     └── InternalError              INTERNAL
 """
 
@@ -123,6 +124,14 @@ class DownloadFailed(RbeeError):
 
 class IntegrityError(DownloadFailed):
     """The bytes did not match the checksum the hub gave; nothing was kept."""
+
+    retriable = False
+
+
+class BadHubAnswer(DownloadFailed):
+    """The hub (or a server it sent us to) answered something rbee will not act on: an id
+    that is not what it claims, a path outside the snapshot, more bytes than it listed, an
+    endless listing. Nothing of it was kept, and asking again will get the same answer."""
 
     retriable = False
 

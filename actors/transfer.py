@@ -3,7 +3,10 @@
 huggingface_hub has no hook to stop a download half-way, so rbee moves the bytes itself
 and leaves metadata and cache layout to the caller. A transfer writes ``<dest>.incomplete``
 (the huggingface_hub convention) and renames it to ``dest`` only once the checksum
-matched, so a final name never holds half a file. Big files go as parallel ``Range``
+matched, so a final name never holds half a file. The hub is untrusted: a body must announce
+its length, in identity encoding, and no file grows past the size it was listed at; while a
+blob is written, the ``.locks/`` file lock ``huggingface_hub`` takes for it is held, so the
+two never write one blob at once. Big files go as parallel ``Range``
 requests whose progress is kept in ``<dest>.incomplete.segments``; a broken transfer keeps
 its partial file and the next fetch resumes it. Writes happen in the event-loop thread, so
 once ``CancelledError`` is delivered not one more byte lands on disk.
@@ -26,9 +29,10 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import filelock
 import httpx
 
-from actors.errors import DownloadFailed, IntegrityError
+from actors.errors import BadHubAnswer, DownloadFailed, IntegrityError
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ OnBytes = Callable[[int], None]
 _CLEANUP_BOUND_S = 2.0  # cleanup gets its own short bound; a stuck close must not hang a cancel
 _SIDECAR_EVERY_S = 0.5
 _HASH_CHUNK = 4 << 20
+_LOCK_POLL_S = 0.05
+_UNLIMITED = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +54,10 @@ class FileSpec:
     size: int | None
     sha256: str | None = None  #: checked when given (LFS files)
     git_sha1: str | None = None  #: checked when given: sha1 of ``b"blob <size>\0" + data``
-    headers: Mapping[str, str] = field(default_factory=dict)  #: sent, never logged
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)  #: sent, never shown
+    max_size: int | None = None  #: with no ``size``: the most bytes the file may have
+    lock: pathlib.Path | None = None  #: huggingface_hub's lock for this blob, held while writing
+    within: pathlib.Path | None = None  #: the folder every file written must resolve inside
 
 
 class BandwidthLimiter:
@@ -151,32 +160,52 @@ class Downloader:
 
     async def _run(self, spec: FileSpec, emit: OnBytes) -> pathlib.Path:
         partial = _partial(spec.dest)
-        spec.dest.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if spec.size is not None and spec.size >= self._parallel_min_size:
-                try:
-                    await self._parallel(spec, spec.size, partial, emit)
-                    nbytes, digest = spec.size, None
-                except _RangeRefused:
-                    logger.info("%s ignores ranges; fetching it in one stream", _where(spec.url))
-                    _discard(partial)
-                    nbytes, digest = await self._sequential(spec, partial, emit)
-            else:
-                nbytes, digest = await self._sequential(spec, partial, emit)
-            await _verify(spec, partial, nbytes, digest)
-        except (asyncio.CancelledError, IntegrityError):
+            check_inside(partial, spec.within)
+            async with _file_lock(spec.lock, spec.within):
+                if spec.dest.exists():  # another program finished it while we waited
+                    return spec.dest
+                spec.dest.parent.mkdir(parents=True, exist_ok=True)
+                check_inside(partial, spec.within)
+                await self._transfer(spec, partial, emit)
+                os.replace(partial, check_inside(spec.dest, spec.within))
+        except asyncio.CancelledError:
             _discard(partial)
             raise
-        os.replace(partial, spec.dest)
+        except DownloadFailed as exc:
+            if not exc.retriable:  # nothing to resume from: keep no bytes of it
+                _discard(partial)
+            raise
+        except OSError as exc:
+            if isinstance(exc, TimeoutError):
+                raise
+            _discard(partial)
+            reason = exc.strerror or type(exc).__name__
+            raise DownloadFailed(
+                f"cannot write {spec.dest.name}: {reason}", retriable=False
+            ) from exc
         _sidecar(partial).unlink(missing_ok=True)
         return spec.dest
+
+    async def _transfer(self, spec: FileSpec, partial: pathlib.Path, emit: OnBytes) -> None:
+        if spec.size is not None and spec.size >= self._parallel_min_size:
+            try:
+                await self._parallel(spec, spec.size, partial, emit)
+                nbytes, digest = spec.size, None
+            except _RangeRefused:
+                logger.info("%s ignores ranges; fetching it in one stream", _where(spec.url))
+                _discard(partial)
+                nbytes, digest = await self._sequential(spec, partial, emit)
+        else:
+            nbytes, digest = await self._sequential(spec, partial, emit)
+        await _verify(spec, partial, nbytes, digest)
 
     async def _sequential(
         self, spec: FileSpec, partial: pathlib.Path, emit: OnBytes
     ) -> tuple[int, str | None]:
         """One stream from the first missing byte; returns its length, and its digest if
         this stream saw every byte."""
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = _open_partial(partial)
         try:
             offset = _contiguous_prefix(partial, fd)
             if spec.size is not None and offset > spec.size:
@@ -190,7 +219,10 @@ class Downloader:
                         if offset and resp.status_code == 200:  # the server ignored our Range
                             offset, hasher = 0, _new_hasher(spec)
                             os.ftruncate(fd, 0)
-                        async for data in resp.aiter_bytes():
+                        limit = _body_limit(spec, resp, offset)
+                        async for data in resp.aiter_raw():
+                            if offset + len(data) > limit:
+                                raise _too_long(spec.url, limit)
                             for piece in _split(data, self._chunk_size):
                                 await self._limiter.acquire(len(piece))
                                 _pwrite_all(fd, piece, offset)
@@ -216,7 +248,7 @@ class Downloader:
         self, spec: FileSpec, size: int, partial: pathlib.Path, emit: OnBytes
     ) -> None:
         """Concurrent ``Range`` requests written at their offsets into one partial file."""
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = _open_partial(partial)
         sidecar = _sidecar(partial)
         try:
             plan = _Plan.load(sidecar, size) if os.fstat(fd).st_size == size else None
@@ -225,19 +257,20 @@ class Downloader:
                 plan = _Plan.split(size, prefix, self._segments)
                 plan.save(sidecar)  # before the file grows: a full-size partial always has a plan
             os.ftruncate(fd, size)
-            failed: list[DownloadFailed] = []
+            failed: list[DownloadFailed | OSError] = []
             try:
                 async with asyncio.TaskGroup() as group:
                     for seg in plan.segments:
                         group.create_task(self._segment(spec, fd, seg, plan, sidecar, emit))
             except BaseExceptionGroup as eg:
-                failed = [e for e in eg.exceptions if isinstance(e, DownloadFailed)]
+                failed = [e for e in eg.exceptions if isinstance(e, DownloadFailed | OSError)]
                 if len(failed) < len(eg.exceptions):
                     raise
             finally:
                 plan.save(sidecar)
-            if failed:  # one cause is enough; a refused range decides how to go on
-                raise next((e for e in failed if isinstance(e, _RangeRefused)), failed[0])
+            if failed:  # one cause is enough: a refused range decides how to go on, then the
+                # fatal ones (a lying hub, a full disk) before those a retry may cure
+                raise min(failed, key=_precedence)
         finally:
             os.close(fd)
 
@@ -260,8 +293,11 @@ class Downloader:
                         "Content-Range", ""
                     ).startswith(f"bytes {pos}-"):
                         raise _RangeRefused(f"{_where(spec.url)} did not honour a Range")
-                    async for data in resp.aiter_bytes():
-                        for piece in _split(data[: end - start - seg[2]], self._chunk_size):
+                    _check_length(spec.url, resp, end - pos)
+                    async for data in resp.aiter_raw():
+                        if start + seg[2] + len(data) > end:
+                            raise _too_long(spec.url, end - pos)
+                        for piece in _split(data, self._chunk_size):
                             await self._limiter.acquire(len(piece))
                             _pwrite_all(fd, piece, start + seg[2])
                             seg[2] += len(piece)
@@ -290,7 +326,7 @@ class Downloader:
         headers = {**spec.headers, "Accept-Encoding": "identity"}
         if start or end is not None:
             headers["Range"] = f"bytes={start}-{'' if end is None else end}"
-        with _transport_errors(spec.url):
+        with transport_errors(spec.url):
             async with self._client.stream("GET", spec.url, headers=headers) as resp:
                 _check_status(resp, spec.url)
                 yield resp
@@ -308,6 +344,12 @@ class _Transfer:
     def emit(self, on_disk: int) -> None:
         for listener in list(self.listeners):
             listener(on_disk)
+
+
+def _precedence(exc: DownloadFailed | OSError) -> int:
+    if isinstance(exc, _RangeRefused):
+        return 0
+    return 2 if isinstance(exc, DownloadFailed) and exc.retriable else 1
 
 
 class _RangeRefused(DownloadFailed):
@@ -348,6 +390,47 @@ class _Plan:
         tmp.write_text(json.dumps({"size": self.size, "segments": self.segments}))
         os.replace(tmp, sidecar)  # a crash mid-write must not leave a torn plan
         self._saved_at = time.monotonic()
+
+
+def check_inside(path: pathlib.Path, folder: pathlib.Path | None) -> pathlib.Path:
+    """``path``, once the folder holding it resolves (symlinks and all) inside ``folder``.
+
+    Raises:
+        BadHubAnswer: it would not; whatever named the path (a hub) is not to be trusted.
+    """
+    if folder is None:
+        return path
+    root = os.path.realpath(folder)
+    if path.name in ("", ".", "..") or os.path.commonpath(
+        [os.path.realpath(path.parent), root]
+    ) != root:
+        raise BadHubAnswer(f"{path} would resolve outside {root}")
+    return path
+
+
+@contextlib.asynccontextmanager
+async def _file_lock(path: pathlib.Path | None, within: pathlib.Path | None) -> AsyncIterator[None]:
+    """Hold the file lock at ``path`` (as ``huggingface_hub`` takes it), waiting cancellably."""
+    if path is None:
+        yield
+        return
+    check_inside(path, within).parent.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(path, mode=0o664)
+    while True:
+        try:
+            lock.acquire(timeout=0)
+            break
+        except filelock.Timeout:
+            await asyncio.sleep(_LOCK_POLL_S)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _open_partial(partial: pathlib.Path) -> int:
+    # O_NOFOLLOW: a link planted under the partial's name must not redirect our writes
+    return os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
 
 
 def _partial(dest: pathlib.Path) -> pathlib.Path:
@@ -424,6 +507,46 @@ def _hash_file(path: pathlib.Path, algo: str, head: bytes, stop: threading.Event
     return hasher.hexdigest()
 
 
+def _body_limit(spec: FileSpec, resp: httpx.Response, offset: int) -> int:
+    """The most bytes the file may reach with this body; refuses a body that cannot fit."""
+    if spec.size is not None:
+        _check_length(spec.url, resp, spec.size - offset)
+        return spec.size
+    if spec.max_size is None:
+        return _UNLIMITED
+    declared = _declared_length(spec.url, resp)
+    if declared is not None and offset + declared > spec.max_size:
+        raise _too_long(spec.url, spec.max_size)
+    return spec.max_size
+
+
+def _check_length(url: str, resp: httpx.Response, expected: int) -> None:
+    """A body of a listed size must say so: identity encoding, ``Content-Length: expected``."""
+    declared = _declared_length(url, resp)
+    if declared is None:
+        raise BadHubAnswer(f"{_where(url)} sent a body with no Content-Length ({expected} expected)")
+    if declared != expected:
+        raise BadHubAnswer(
+            f"{_where(url)} announced {declared} bytes where {expected} were listed"
+        )
+
+
+def _declared_length(url: str, resp: httpx.Response) -> int | None:
+    encoding = resp.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadHubAnswer(f"{_where(url)} sent a {encoding!r}-encoded body; identity was asked")
+    raw = resp.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.strip().isdigit() or len(raw.strip()) > 18:
+        raise BadHubAnswer(f"{_where(url)} sent Content-Length {raw[:40]!r}")
+    return int(raw)
+
+
+def _too_long(url: str, limit: int) -> BadHubAnswer:
+    return BadHubAnswer(f"{_where(url)} sent more than the {limit} bytes the file may have")
+
+
 def _check_status(resp: httpx.Response, url: str) -> None:
     if (code := resp.status_code) in (200, 206):
         return
@@ -434,14 +557,19 @@ def _check_status(resp: httpx.Response, url: str) -> None:
 
 
 @contextlib.contextmanager
-def _transport_errors(url: str) -> Iterator[None]:
-    """Raise httpx's network failures as our retriable :class:`DownloadFailed`."""
+def transport_errors(url: str) -> Iterator[None]:
+    """Raise httpx's failures as ours: the network's retriable, the server's misdeeds not."""
     try:
         yield
+    except (httpx.TooManyRedirects, httpx.UnsupportedProtocol) as exc:
+        raise BadHubAnswer(f"{_where(url)} redirected badly: {exc}") from exc
     except httpx.TransportError as exc:
         raise DownloadFailed(
-            f"transfer from {_where(url)} broke: {type(exc).__name__}: {exc}",
-            retriable=not isinstance(exc, httpx.UnsupportedProtocol),
+            f"transfer from {_where(url)} broke: {type(exc).__name__}: {exc}"
+        ) from exc
+    except httpx.HTTPError as exc:
+        raise DownloadFailed(
+            f"transfer from {_where(url)} failed: {type(exc).__name__}: {exc}", retriable=False
         ) from exc
 
 

@@ -3,17 +3,25 @@
 ``hf`` asks a Hugging Face hub (through ``huggingface_hub``) for the commit and its file list;
 ``url`` takes one plain HTTP(S) file, e.g. a GitHub release asset. rbee moves the bytes itself
 (``actors.transfer``) because ``huggingface_hub`` has no cancel hook.
+
+Whatever a hub answers is checked before it names a path: commit ids and blob ids must be
+hex of their length, file paths relative and inside the snapshot, sizes whole numbers. A
+hub's API answers go through :func:`hub_client_factory`'s client, which bounds how long a
+silent connection is waited for, how big one answer may be and how many pages one listing
+may take (``huggingface_hub`` itself waits forever and follows ``Link`` pages endlessly).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -29,10 +37,19 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defined]
 
-from actors.cache import RepoLayout
-from actors.errors import DownloadFailed, ModelNotFound
+from actors.cache import RepoLayout, check_commit, check_etag, is_commit
+from actors.config import DownloadConfig
+from actors.errors import BadHubAnswer, DownloadFailed, InvalidRequest, ModelNotFound, UnsafePath
 from actors.operations import ModelDownload, check_relative_path
-from actors.transfer import FileSpec
+from actors.transfer import FileSpec, transport_errors
+
+T = TypeVar("T")
+
+_NAME_MAX = 255  #: bytes in one path component, as most filesystems allow
+_PATH_MAX = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_MAX_FILE_SIZE = 1 << 50
+_HUB_RETRIES = 5  #: huggingface_hub's http_backoff tries a request this many times more
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +82,13 @@ def hub_errors(model: str) -> Iterator[None]:
     try:
         yield
     except (
+        httpx.TooManyRedirects,
+        httpx.UnsupportedProtocol,
+        httpx2.TooManyRedirects,
+        httpx2.UnsupportedProtocol,
+    ) as exc:
+        raise BadHubAnswer(f"{model}: the hub redirected badly: {_first_line(exc)}") from exc
+    except (
         RepositoryNotFoundError,
         RevisionNotFoundError,
         GatedRepoError,
@@ -75,6 +99,10 @@ def hub_errors(model: str) -> Iterator[None]:
         raise DownloadFailed(f"{model}: the hub answered {_first_line(exc)}") from exc
     except (httpx.HTTPError, httpx2.HTTPError) as exc:  # huggingface_hub 2.x speaks httpx2
         raise DownloadFailed(f"{model}: cannot reach the hub: {exc!r}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:  # answers it cannot parse
+        raise BadHubAnswer(
+            f"{model}: the hub's answer makes no sense: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -84,22 +112,34 @@ def _first_line(exc: BaseException) -> str:
 class HfVendor:
     """A Hugging Face hub at ``endpoint`` (the public hub or any mirror speaking its API)."""
 
-    def __init__(self, endpoint: str, token: str | None, cache_dir: Path) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        token: str | None,
+        cache_dir: Path,
+        limits: DownloadConfig | None = None,
+    ) -> None:
         self.endpoint = endpoint.rstrip("/")
         self._token = token
         self._api = HfApi(endpoint=self.endpoint, token=token or False)
         self._cache_dir = cache_dir
+        self._limits = limits or DownloadConfig()
+
+    def __repr__(self) -> str:
+        return f"HfVendor({self.endpoint!r})"  # never the token
 
     async def plan(self, op: ModelDownload) -> DownloadPlan:
+        # every request counts: pages, and the redirects and retries huggingface_hub makes
+        slack = self._limits.max_redirects + _HUB_RETRIES
+        pages = self._limits.max_listing_pages + slack
         with hub_errors(op.model):
-            info = await asyncio.to_thread(self._api.model_info, op.model, revision=op.revision)
-            commit = info.sha or op.revision
-            entries = await asyncio.to_thread(
-                lambda: list(self._api.list_repo_tree(op.model, revision=commit, recursive=True))
+            info = await asyncio.to_thread(
+                _within_pages, 1 + slack, self._api.model_info, op.model, revision=op.revision
             )
-        files = [e for e in entries if isinstance(e, RepoFile)]
-        for entry in files:
-            check_relative_path(entry.path, "file name listed by the hub")
+            commit = check_commit(info.sha, "commit id")
+            if is_commit(op.revision) and op.revision != commit:
+                raise BadHubAnswer(f"asked for commit {op.revision}, the hub answered {commit}")
+            files = await asyncio.to_thread(_within_pages, pages, self._files, op.model, commit)
         chosen = list(filter_repo_objects(files, allow_patterns=op.files, key=lambda f: f.path))
         if op.files and not chosen:
             raise ModelNotFound(f"{op.model}@{commit[:12]}: no file matches {op.files}")
@@ -107,47 +147,205 @@ class HfVendor:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         planned = []
         for entry in chosen:
-            sha256 = entry.lfs.sha256 if entry.lfs else None
-            etag = sha256 or entry.blob_id
+            sha256 = check_etag(entry.lfs.sha256, "LFS sha256", 64) if entry.lfs else None
+            etag = sha256 or check_etag(entry.blob_id, f"blob id of {entry.path!r}", 40)
             url = hf_hub_url(op.model, entry.path, revision=commit, endpoint=self.endpoint)
             spec = FileSpec(
                 url=url,
-                dest=layout.blob(etag),
+                dest=layout.inside(layout.blob(etag)),
                 size=entry.size,
                 sha256=sha256,
-                git_sha1=None if sha256 else entry.blob_id,
+                git_sha1=None if sha256 else etag,
                 headers=headers,
+                lock=layout.lock(etag),
+                within=layout.cache,
             )
             planned.append(PlannedFile(entry.path, etag, spec))
         return DownloadPlan(op.model, op.revision, commit, layout, tuple(planned))
+
+    def _files(self, model: str, commit: str) -> list[RepoFile]:
+        """The listing of ``commit``, every entry checked, at most ``max_files`` files."""
+        files: dict[str, RepoFile] = {}
+        for entry in self._api.list_repo_tree(model, revision=commit, recursive=True):
+            if not isinstance(entry, RepoFile):
+                continue
+            _check_listed(entry)
+            if entry.path in files:
+                raise BadHubAnswer(f"the hub listed {entry.path!r} twice")
+            files[entry.path] = entry
+            if len(files) > self._limits.max_files:
+                raise BadHubAnswer(
+                    f"the hub listed more than {self._limits.max_files} files "
+                    "(downloads.max_files)"
+                )
+        for path in files:
+            parent = path.rpartition("/")[0]
+            while parent:
+                if parent in files:
+                    raise BadHubAnswer(f"the hub listed {parent!r} as a file and as a folder")
+                parent = parent.rpartition("/")[0]
+        return list(files.values())
+
+
+def _check_listed(entry: RepoFile) -> None:
+    """One listed file: a path that stays in the snapshot, a size that is a size."""
+    path = entry.path
+    try:
+        if not isinstance(path, str) or _CONTROL.search(path):
+            raise UnsafePath(f"{path!r} has control characters")
+        check_relative_path(path, "listed file")
+    except UnsafePath as exc:
+        raise BadHubAnswer(f"the hub listed a file the snapshot cannot hold: {exc.message}") from None
+    if len(path.encode()) > _PATH_MAX or any(len(p.encode()) > _NAME_MAX for p in path.split("/")):
+        raise BadHubAnswer(f"the hub listed a file name too long to store: {path[:80]!r}...")
+    size = entry.size
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= _MAX_FILE_SIZE:
+        raise BadHubAnswer(f"the hub listed {path!r} with size {size!r}")
+    if entry.lfs is not None and entry.lfs.size != size:
+        raise BadHubAnswer(f"the hub listed {path!r} at {size} bytes and its LFS at {entry.lfs.size}")
+
+
+class _Pages:
+    """How many more requests one planning step may make."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def charge(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise BadHubAnswer("the hub's listing does not end (downloads.max_listing_pages)")
+
+
+_PAGES: contextvars.ContextVar[_Pages | None] = contextvars.ContextVar("rbee_pages", default=None)
+
+
+def _within_pages(pages: int, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)`` allowed ``pages`` requests (and their redirects) at most.
+
+    Runs in a worker thread with its own copy of the context, so the budget is this call's.
+    """
+    _PAGES.set(_Pages(pages))
+    return call(*args, **kwargs)
+
+
+class _Capped(httpx2.SyncByteStream):
+    """A response body that raises once it grew past ``limit`` bytes."""
+
+    def __init__(self, inner: Iterable[bytes], limit: int, url: str) -> None:
+        self._inner, self._limit, self._url = inner, limit, url
+
+    def __iter__(self) -> Iterator[bytes]:
+        seen = 0
+        for chunk in self._inner:
+            seen += len(chunk)
+            if seen > self._limit:
+                raise BadHubAnswer(
+                    f"{self._url.split('?')[0]} answered more than {self._limit} bytes "
+                    "(downloads.max_api_bytes)"
+                )
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+
+class _Guarded(httpx2.BaseTransport):
+    """Charges each request to the current page budget and caps each answer's size."""
+
+    def __init__(self, inner: httpx2.BaseTransport, max_bytes: int) -> None:
+        self._inner, self._max_bytes = inner, max_bytes
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        if (pages := _PAGES.get()) is not None:
+            pages.charge()
+        response = self._inner.handle_request(request)
+        response.stream = _Capped(response.stream, self._max_bytes, str(request.url))  # type: ignore[arg-type]
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def hub_client_factory(limits: DownloadConfig) -> Callable[[], httpx2.Client]:
+    """What to give ``huggingface_hub.set_client_factory`` in a process that plans
+    downloads: its own client, bounded (stalls, answer size, pages, redirects)."""
+    from huggingface_hub.utils._http import hf_request_event_hook  # its user agent, request ids
+
+    def build() -> httpx2.Client:
+        return httpx2.Client(
+            transport=_Guarded(httpx2.HTTPTransport(), limits.max_api_bytes),
+            event_hooks={"request": [hf_request_event_hook]},
+            follow_redirects=True,
+            max_redirects=limits.max_redirects,
+            timeout=httpx2.Timeout(limits.stall_s),
+        )
+
+    return build
 
 
 class UrlVendor:
     """One plain file at an HTTP(S) address, cached under the model id the user chose."""
 
-    def __init__(self, client: httpx.AsyncClient, cache_dir: Path) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, cache_dir: Path, limits: DownloadConfig | None = None
+    ) -> None:
         self._client = client
         self._cache_dir = cache_dir
+        self._max_bytes = (limits or DownloadConfig()).url_max_bytes
 
     async def plan(self, op: ModelDownload) -> DownloadPlan:
         if not op.url:
             raise ModelNotFound("vendor 'url' needs a 'url' field")
         name = unquote(Path(urlparse(op.url).path).name)
         check_relative_path(name, "file name in the url")
-        try:
+        commit = hashlib.sha1(op.url.encode()).hexdigest()
+        layout = RepoLayout.of(self._cache_dir, op.model)
+        ref = layout.ref(op.revision)
+        if ref.is_file() and ref.read_text().strip() != commit:
+            raise InvalidRequest(
+                f"{op.model}@{op.revision} already holds another download (a hub's or another "
+                "url's); the url vendor does not replace it: delete the model or pick another id"
+            )
+        with transport_errors(op.url):
             head = await self._client.head(op.url, follow_redirects=True)
-        except httpx.HTTPError as exc:
-            raise DownloadFailed(f"{op.url}: {exc!r}") from exc
         if head.status_code == 404:
             raise ModelNotFound(f"{op.url}: 404 Not Found")
         if head.status_code >= 400:
             raise DownloadFailed(
                 f"{op.url}: HTTP {head.status_code}", retriable=head.status_code >= 500
             )
-        size = int(head.headers["content-length"]) if "content-length" in head.headers else None
-        commit = hashlib.sha1(op.url.encode()).hexdigest()
+        size = _length(head)
+        if size is None and self._max_bytes is None:
+            raise DownloadFailed(
+                f"{op.url} does not say how long it is; set downloads.url_max_bytes to take "
+                "files of unknown length",
+                retriable=False,
+            )
+        if size is not None and self._max_bytes is not None and size > self._max_bytes:
+            raise DownloadFailed(
+                f"{op.url} is {size} bytes, over downloads.url_max_bytes ({self._max_bytes})",
+                retriable=False,
+            )
         validator = head.headers.get("etag", "").strip('"').removeprefix("W/").strip('"')
         etag = hashlib.sha256(f"{op.url}\0{validator}\0{size}".encode()).hexdigest()
-        layout = RepoLayout.of(self._cache_dir, op.model)
-        spec = FileSpec(url=str(head.url), dest=layout.blob(etag), size=size)
+        spec = FileSpec(
+            url=str(head.url),
+            dest=layout.inside(layout.blob(etag)),
+            size=size,
+            max_size=self._max_bytes,
+            lock=layout.lock(etag),
+            within=layout.cache,
+        )
         return DownloadPlan(op.model, op.revision, commit, layout, (PlannedFile(name, etag, spec),))
+
+
+def _length(head: httpx.Response) -> int | None:
+    raw = head.headers.get("content-length")
+    if raw is None:
+        return None
+    if not raw.strip().isdigit() or not raw.isascii() or len(raw.strip()) > 18:
+        raise BadHubAnswer(f"{head.url} sent Content-Length {raw[:40]!r}")
+    return int(raw)

@@ -173,7 +173,9 @@ def test_a_file_name_from_the_hub_that_leaves_the_cache_is_refused(api, hub, cac
     repo = _repo(hub, {"ok.json": b"{}", "../../escape.txt": b"pwned"})
     job_id = submit(api, {"operation": "model_download", "model": repo})
     stream = read_sse(api, f"/v1/jobs/{job_id}/stream")
-    assert stream.of("error")[-1]["code"] == "INVALID_REQUEST"
+    error = stream.of("error")[-1]
+    assert error["code"] == "DOWNLOAD_FAILED" and error["retriable"] is False
+    assert "../../escape.txt" in error["message"]  # says what the hub sent
     assert not list(cache_dir.parent.rglob("escape.txt"))
 
 
