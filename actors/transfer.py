@@ -387,8 +387,12 @@ class _Plan:
         if time.monotonic() - self._saved_at < unless_within_s:
             return
         tmp = sidecar.with_name(sidecar.name + ".tmp")
-        tmp.write_text(json.dumps({"size": self.size, "segments": self.segments}))
-        os.replace(tmp, sidecar)  # a crash mid-write must not leave a torn plan
+        try:
+            tmp.write_text(json.dumps({"size": self.size, "segments": self.segments}))
+            os.replace(tmp, sidecar)  # a crash mid-write must not leave a torn plan
+        except OSError:
+            tmp.unlink(missing_ok=True)  # e.g. a full disk: leave no half plan behind
+            raise
         self._saved_at = time.monotonic()
 
 

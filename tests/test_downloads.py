@@ -10,7 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
-from huggingface_hub import scan_cache_dir, snapshot_download
+import pytest
+from huggingface_hub import hf_hub_download, scan_cache_dir, snapshot_download
 
 from tests.helpers import job, read_sse, submit, wait_for, wait_state
 
@@ -220,3 +221,49 @@ def test_resume_after_the_download_actor_died(api, hub, cache_dir):
     last_get = [r for r in hub.requests if r.method == "GET" and f"{repo}/resolve/" in r.path][-1]
     assert last_get.range == f"bytes={kept}-"
     assert [p.read_bytes() == data for p in _blobs(cache_dir, repo)] == [True]
+
+
+@pytest.mark.parametrize("first", ["rbee", "huggingface_hub"])
+def test_huggingface_hub_and_rbee_fetch_one_blob_into_one_cache_at_once(api, hub, cache_dir, first):
+    """Both take the blob's ``.locks/`` lock: whichever writes, the other waits and uses it."""
+    data = os.urandom(12 * MiB)  # over parallel_min_size: rbee pre-sizes a partial for ranges
+    repo = _repo(hub, {"model.safetensors": data})
+    digest = hashlib.sha256(data).hexdigest()
+    theirs: dict[str, object] = {}
+
+    def huggingface_hub_download() -> None:
+        try:
+            theirs["path"] = hf_hub_download(
+                repo, "model.safetensors", cache_dir=cache_dir, endpoint=hub.url
+            )
+        except Exception as exc:  # reported by the assertion below
+            theirs["error"] = exc
+
+    other = threading.Thread(target=huggingface_hub_download)
+    hub.throttle_bps = 4 * MiB  # each response at most 4 MiB/s: both run for seconds
+    try:
+        if first == "rbee":
+            job_id = submit(api, {"operation": "model_download", "model": repo})
+            wait_for(lambda: (job(api, job_id)["progress"] or {}).get("bytes_done", 0) > 0)
+            other.start()
+        else:
+            other.start()
+            wait_for(lambda: hub.count("GET", f"{repo}/resolve/") > 0)
+            job_id = submit(api, {"operation": "model_download", "model": repo})
+        stream = read_sse(api, f"/v1/jobs/{job_id}/stream", deadline_s=60)
+        other.join(60)
+    finally:
+        hub.throttle_bps = None
+    assert not other.is_alive() and "error" not in theirs, theirs
+    assert stream.sentinel == "[DONE]", stream.events
+    ours = Path(stream.of("result")[0]["path"]) / "model.safetensors"
+    for path in (ours, Path(str(theirs["path"]))):
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert [p.name for p in _blobs(cache_dir, repo)] == [digest]  # one blob, no partial left
+    # Only one of the two moved the bytes: the other found the blob done under the lock.
+    sent = sum(
+        r.body_bytes_sent
+        for r in hub.requests
+        if f"{repo}/resolve/" in r.path and r.method == "GET"
+    )
+    assert sent < 2 * len(data)

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import pathlib
 import pickle
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import filelock
 import httpx
 import pytest
 
-from actors.errors import DownloadFailed, IntegrityError
+from actors.errors import BadHubAnswer, DownloadFailed, IntegrityError
 from actors.transfer import BandwidthLimiter, Downloader, FileSpec
 from tests.fakehub import FakeHub
 
@@ -324,3 +327,112 @@ async def test_limiter_paces_by_its_clock() -> None:
     started = time.monotonic()
     await limiter.acquire(20)
     assert time.monotonic() - started >= 0.015
+
+
+# -- a hostile or full disk, a shared cache -------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A 1 MiB tmpfs: a real ENOSPC half-way through a 2 MiB file."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True
+    )
+    assert mounted.returncode == 0, f"cannot mount a small tmpfs: {mounted.stderr!r}"
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+async def test_a_full_disk_fails_the_file_and_keeps_nothing(
+    hub: FakeHub, client: httpx.AsyncClient, small_disk: pathlib.Path, parallel: bool
+) -> None:
+    spec = lfs_spec(hub, small_disk)
+    downloader = Downloader(client, parallel_min_size=1 if parallel else 1 << 30)
+    with pytest.raises(DownloadFailed) as failed:
+        await downloader.fetch(spec)
+    assert not isinstance(failed.value, IntegrityError)
+    assert failed.value.retriable is False and "No space left" in failed.value.message
+    assert list(spec.dest.parent.iterdir()) == []  # the partial went, the disk is free again
+    assert downloader.in_flight() == 0
+
+
+async def test_a_link_planted_under_the_partial_name_is_not_followed(
+    hub: FakeHub, client: httpx.AsyncClient, tmp_path: pathlib.Path
+) -> None:
+    spec = lfs_spec(hub, tmp_path / "cache")
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"keep me")
+    spec.dest.parent.mkdir(parents=True)
+    partial_of(spec).symlink_to(victim)
+    with pytest.raises(DownloadFailed) as failed:
+        await Downloader(client).fetch(spec)
+    assert failed.value.retriable is False
+    assert victim.read_bytes() == b"keep me"
+    assert not spec.dest.exists()
+
+
+async def test_a_folder_that_resolves_outside_is_refused_before_any_request(
+    hub: FakeHub, client: httpx.AsyncClient, tmp_path: pathlib.Path
+) -> None:
+    cache, outside = tmp_path / "cache", tmp_path / "outside"
+    outside.mkdir()
+    (cache / "models--org--tiny").mkdir(parents=True)
+    (cache / "models--org--tiny" / "blobs").symlink_to(outside)
+    spec = dataclasses.replace(lfs_spec(hub, cache / "models--org--tiny"), within=cache, lock=None)
+    with pytest.raises(BadHubAnswer, match="outside"):
+        await Downloader(client).fetch(spec)
+    assert list(outside.iterdir()) == []
+    assert ranges(hub) == []
+
+
+async def test_the_huggingface_hub_lock_is_held_while_writing(
+    hub: FakeHub, client: httpx.AsyncClient, tmp_path: pathlib.Path
+) -> None:
+    lock_path = (
+        tmp_path / ".locks" / "models--org--tiny" / f"{hashlib.sha256(DATA).hexdigest()}.lock"
+    )
+    spec = dataclasses.replace(lfs_spec(hub, tmp_path), lock=lock_path, within=tmp_path)
+    held = filelock.FileLock(lock_path)
+    lock_path.parent.mkdir(parents=True)
+    with held:  # another program (huggingface_hub) is writing this blob
+        task = asyncio.create_task(Downloader(client).fetch(spec))
+        await asyncio.sleep(0.5)
+        assert not task.done() and ranges(hub) == []  # we wait for it, cancellably
+    assert await asyncio.wait_for(task, 10) == spec.dest
+    assert spec.dest.read_bytes() == DATA
+
+    # Once the other program has finished the blob, nothing is fetched again.
+    hub.clear_log()
+    with held:
+        task = asyncio.create_task(Downloader(client).fetch(spec))
+        await asyncio.sleep(0.2)
+    assert await asyncio.wait_for(task, 10) == spec.dest and ranges(hub) == []
+
+
+async def test_waiting_for_the_lock_is_cancellable(
+    hub: FakeHub, client: httpx.AsyncClient, tmp_path: pathlib.Path
+) -> None:
+    lock_path = tmp_path / "held.lock"
+    spec = dataclasses.replace(lfs_spec(hub, tmp_path), lock=lock_path)
+    with filelock.FileLock(lock_path):
+        task = asyncio.create_task(Downloader(client).fetch(spec))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 2)
+    assert ranges(hub) == [] and not partial_of(spec).exists()
+
+
+def test_file_spec_never_shows_its_headers() -> None:
+    spec = FileSpec(
+        url="http://hub/x",
+        dest=pathlib.Path("x"),
+        size=1,
+        headers={"Authorization": "Bearer s3cr3t"},
+    )
+    assert "s3cr3t" not in repr(spec) and "s3cr3t" not in str(spec)
