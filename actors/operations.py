@@ -6,6 +6,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -17,13 +18,54 @@ from pydantic import (
 
 from actors.errors import InvalidRequest, UnsafePath
 
-_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+# Matched with ``fullmatch``: ``$`` would also match before a final newline.
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+_URL = re.compile(r"https?://[^/]+(/.*)?", re.DOTALL)
+_WORKER_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+MAX_ID_CHARS = 128
+"""The longest id (hive, worker, job) a client may give."""
+_ID_RULE = "1 to {} characters without whitespace or control characters"
+
+
+def is_id(value: str, max_chars: int = MAX_ID_CHARS) -> bool:
+    """1 to ``max_chars`` characters, none of them whitespace or control characters.
+
+    ``str.isprintable`` is False for every control, format, surrogate and separator
+    character but the ASCII space, which is refused on its own.
+    """
+    return 0 < len(value) <= max_chars and value.isprintable() and " " not in value
+
+
+def check_id(value: str, what: str = "id", max_chars: int = MAX_ID_CHARS) -> str:
+    """``value`` if it ``is_id``, else ``InvalidRequest`` naming ``what``."""
+    if not is_id(value, max_chars):
+        raise InvalidRequest(f"{what} must be {_ID_RULE.format(max_chars)}, got {value!r:.80}")
+    return value
+
+
+def _id_chars(max_chars: int) -> AfterValidator:
+    """The ``is_id`` rule as pydantic metadata (a ValueError, so the error names the field)."""
+
+    def check(value: str) -> str:
+        if not is_id(value, max_chars):
+            raise ValueError(f"must be {_ID_RULE.format(max_chars)}")
+        return value
+
+    return AfterValidator(check)
+
+
+Id = Annotated[str, _id_chars(MAX_ID_CHARS)]
+"""A hive or worker id."""
+Revision = Annotated[str, _id_chars(256)]
+Glob = Annotated[str, _id_chars(512)]
+Url = Annotated[str, _id_chars(4096)]
 
 
 def check_model_id(model: str) -> str:
     """``org/name`` with nothing that could leave the cache (``..``, ``/`` at either end, NUL)."""
-    if not _MODEL_ID.match(model) or ".." in model:
-        raise UnsafePath(f"model id must look like 'org/name', got {model!r}")
+    if not _MODEL_ID.fullmatch(model) or ".." in model:
+        raise UnsafePath(f"model id must look like 'org/name', got {model!r:.100}")
     return model
 
 
@@ -43,18 +85,16 @@ def check_relative_path(path: str, what: str = "file name") -> str:
 
 class _Op(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    hive_id: str | None = Field(default=None, max_length=128)
+    hive_id: Id | None = None
 
 
 class ModelDownload(_Op):
     operation: Literal["model_download"]
     model: str
-    revision: str = Field(default="main", min_length=1, max_length=256)
-    files: list[Annotated[str, Field(min_length=1, max_length=512)]] | None = Field(
-        default=None, max_length=256
-    )
+    revision: Revision = "main"
+    files: list[Glob] | None = Field(default=None, max_length=256)
     vendor: Literal["hf", "url"] = "hf"
-    url: str | None = Field(default=None, max_length=4096)
+    url: Url | None = None
 
     _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
 
@@ -75,7 +115,7 @@ class ModelDownload(_Op):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"^https?://[^\s/]+", v):
+        if v is not None and not _URL.fullmatch(v):
             raise ValueError("url must be an http(s) address")
         return v
 
@@ -118,7 +158,7 @@ class Infer(_Op):
         default=None, max_length=8
     )
     ignore_eos: bool = False
-    worker_id: str | None = Field(default=None, max_length=128)
+    worker_id: Id | None = None
 
     _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
 
@@ -133,9 +173,17 @@ class WorkerSpawn(_Op):
     operation: Literal["worker_spawn"]
     model: str
     device: Literal["cpu", "gpu"] | None = None
-    worker_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    worker_id: str | None = None
 
     _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
+
+    @field_validator("worker_id")
+    @classmethod
+    def _worker_id(cls, v: str | None) -> str | None:
+        # It becomes part of a Ray actor's name: only characters safe everywhere.
+        if v is not None and not _WORKER_ID.fullmatch(v):
+            raise ValueError("must be 1 to 64 of A-Z a-z 0-9 . _ -")
+        return v
 
 
 class WorkerList(_Op):
@@ -144,7 +192,7 @@ class WorkerList(_Op):
 
 class WorkerStop(_Op):
     operation: Literal["worker_stop"]
-    worker_id: str = Field(min_length=1, max_length=128)
+    worker_id: Id
 
 
 class HiveList(_Op):

@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from actors.config import Config
 from actors.core import JobState
 from actors.errors import InvalidRequest, JobFinished, RbeeError, Unauthorized
-from actors.operations import OPERATION_NAMES
+from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
 from serve_app.errors import EXCEPTION_HANDLERS
 from serve_app.jobstream import Item, JobStream, correlation_id, new_correlation_id, remote
@@ -26,7 +26,12 @@ from serve_app.openai import OpenAi
 log = logging.getLogger("rbee.http")
 
 CID_HEADER = "x-correlation-id"
-_CID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Every pattern here is used with ``fullmatch``: ``$`` would also match before a final newline.
+_CID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_BEARER = re.compile(r"[ \t]*bearer[ \t]+([^ \t]+)[ \t]*", re.IGNORECASE | re.ASCII)
+# ASCII digits only (``str.isdigit`` passes '²' and other scripts' digits), few enough that
+# ``int()`` is cheap and the value fits in 64 bits.
+_COUNT = re.compile(r"[0-9]{1,18}")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -59,11 +64,11 @@ class Api:
     def _guard(self, handler: Handler) -> Handler:
         if self._token is None:
             return handler
-        expected = b"Bearer " + self._token
+        expected = self._token
 
         async def guarded(request: Request) -> Response:
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            given = _bearer_token(request.headers.get("authorization", ""))
+            if given is None or not hmac.compare_digest(given, expected):
                 raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
             return await handler(request)
 
@@ -82,16 +87,12 @@ class Api:
         )
 
     async def list_jobs(self, request: Request) -> Response:
-        q = request.query_params
-        state, operation = q.get("state") or None, q.get("operation") or None
+        state, operation = _query(request, "state"), _query(request, "operation")
         if state is not None and state not in {s.value for s in JobState}:
             raise InvalidRequest(f"state must be one of {[s.value for s in JobState]}")
         if operation is not None and operation not in OPERATION_NAMES:
             raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
-        try:
-            limit = int(q.get("limit", "100"))
-        except ValueError:
-            raise InvalidRequest("limit must be an integer") from None
+        limit = _count(_query(request, "limit") or "100", "limit")
         if not 1 <= limit <= 10_000:
             raise InvalidRequest("limit must be between 1 and 10000")
         jobs = await remote(self.registry.jobs.remote(state, operation, limit))
@@ -113,9 +114,9 @@ class Api:
     async def cancel_body(self, request: Request) -> Response:
         body = await self.jobs.read_json(request)
         job_id = body.get("job_id") if isinstance(body, dict) else None
-        if not isinstance(job_id, str) or not job_id.strip():
+        if not isinstance(job_id, str):
             raise InvalidRequest("'job_id' must be a non-empty string")
-        return await self._cancel_soon(job_id, request)
+        return await self._cancel_soon(check_id(job_id, "job_id"), request)
 
     async def cancel_many(self, request: Request) -> Response:
         """Cancel many jobs with one request: ``{"job_ids": [...]}`` or filters
@@ -126,15 +127,20 @@ class Api:
         job_ids, state, operation = body.get("job_ids"), body.get("state"), body.get("operation")
         if job_ids is not None and (
             not isinstance(job_ids, list)
-            or not all(isinstance(j, str) and j for j in job_ids)
+            or not all(isinstance(j, str) for j in job_ids)
             or len(job_ids) > 100_000
             or state is not None
             or operation is not None
         ):
             raise InvalidRequest("'job_ids' must be a list of job ids, alone")
+        for job_id in job_ids or ():
+            check_id(job_id, "each of 'job_ids'")
         if state not in (None, JobState.QUEUED.value, JobState.RUNNING.value):
             raise InvalidRequest("'state' must be 'queued' or 'running'")
-        if operation is not None and operation not in OPERATION_NAMES:
+        # Not ``in OPERATION_NAMES`` first: a list or an object is unhashable.
+        if operation is not None and (
+            not isinstance(operation, str) or operation not in OPERATION_NAMES
+        ):
             raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
         answer = await remote(
             self.registry.request_cancel_many.remote(
@@ -149,8 +155,8 @@ class Api:
 
     async def stream(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        await remote(self.registry.job.remote(job_id))
         after = _last_event_id(request)
+        await remote(self.registry.job.remote(job_id))
         return StreamingResponse(
             self._events(job_id, after),
             media_type="text/event-stream",
@@ -171,12 +177,33 @@ def _wire(item: Item) -> str:
 
 
 def _last_event_id(request: Request) -> int:
-    raw = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    if raw is None or raw == "":
-        return 0
-    if not raw.isdigit():
-        raise InvalidRequest("Last-Event-ID must be a non-negative integer")
+    """``Last-Event-ID`` (or ``?last_event_id=``, for clients that cannot set headers); 0 if
+    neither is given."""
+    raw = request.headers.get("last-event-id") or _query(request, "last_event_id")
+    return 0 if raw is None else _count(raw, "Last-Event-ID")
+
+
+def _count(raw: str, what: str) -> int:
+    if not _COUNT.fullmatch(raw):
+        raise InvalidRequest(f"{what} must be a non-negative integer of 1 to 18 ASCII digits")
     return int(raw)
+
+
+def _query(request: Request, name: str) -> str | None:
+    """The query parameter ``name``; None if absent or empty (a form's "any"); given more
+    than once is a 422."""
+    values = request.query_params.getlist(name)
+    if len(values) > 1:
+        raise InvalidRequest(f"give the query parameter {name!r} at most once")
+    return values[0] or None if values else None
+
+
+def _bearer_token(header: str) -> bytes | None:
+    """The token of ``Authorization: Bearer <token>`` (the scheme in any case, RFC 7235), as
+    the bytes sent; None for anything else."""
+    found = _BEARER.fullmatch(header)
+    # Starlette decodes header values as latin-1: encoding back gives the very bytes sent.
+    return found.group(1).encode("latin-1") if found else None
 
 
 class CorrelationIds:
@@ -190,7 +217,7 @@ class CorrelationIds:
             await self.app(scope, receive, send)
             return
         given = dict(scope["headers"]).get(CID_HEADER.encode(), b"").decode("latin-1")
-        cid = given if _CID_OK.match(given) else new_correlation_id()
+        cid = given if _CID_OK.fullmatch(given) else new_correlation_id()
         scope.setdefault("state", {})["correlation_id"] = cid
 
         async def send_with_cid(message: Message) -> None:

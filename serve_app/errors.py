@@ -15,6 +15,10 @@ STATUS: dict[type[errors.RbeeError], int] = {
     errors.BodyTooLarge: 413,
     errors.InvalidRequest: 422,
     errors.RequestError: 400,
+    errors.JobCancelled: 409,  # a request waiting for its job's result, and the job was cancelled
+    errors.WorkerDied: 503,  # the server's side failed; the same request may succeed again
+    errors.InsufficientVram: 503,
+    errors.ModelLoadFailed: 503,
     errors.RbeeError: 500,
 }
 

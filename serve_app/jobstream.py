@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +18,14 @@ from actors.errors import BodyTooLarge, MalformedBody, RbeeError, error_class, r
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 _PAGE = 1000
+
+MAX_JSON_DEPTH = 64
+"""The deepest nesting of arrays and objects a body may have (SPEC §7)."""
+MAX_NUMBER_CHARS = 100
+"""The longest number a body may spell: ``int()`` of a long one is slow, and fails past 4300
+digits; no field of ours needs more than 20."""
+_DIGITS = re.compile(r"[0-9]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 async def remote(ref: Any) -> Any:
@@ -44,10 +54,12 @@ class JobStream:
         self.registry = registry
 
     async def read_json(self, request: Request) -> Any:
-        """The body as JSON, refusing bodies over the limit before reading them."""
+        """The body as strict JSON (``parse_json``), refusing bodies over the limit before
+        reading them."""
         limit = self.config.server.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        # Only ASCII digits (``isdigit`` passes '²'); a length of many digits is over any limit.
+        declared = request.headers.get("content-length", "").lstrip("0")
+        if _DIGITS.fullmatch(declared) and (len(declared) > 18 or int(declared) > limit):
             raise BodyTooLarge(f"the body is over the {limit}-byte limit")
         chunks, size = [], 0
         async for chunk in request.stream():
@@ -55,10 +67,7 @@ class JobStream:
             if size > limit:
                 raise BodyTooLarge(f"the body is over the {limit}-byte limit")
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+        return parse_json(b"".join(chunks))
 
     async def submit(self, request: Request, body: Any) -> str:
         record = await remote(self.registry.submit.remote(body, correlation_id(request)))
@@ -104,6 +113,57 @@ class JobStream:
 
     async def models(self) -> list[str]:
         return list(await remote(self.registry.models.remote()))
+
+
+def parse_json(raw: bytes) -> Any:
+    """Strict JSON, or ``MalformedBody``: no NaN or Infinity, no number longer than
+    ``MAX_NUMBER_CHARS``, no nesting deeper than ``MAX_JSON_DEPTH``, no lone surrogate."""
+    try:
+        value = json.loads(raw, parse_int=_int, parse_float=_float, parse_constant=_constant)
+    except RecursionError:  # json's own C parser recurses: far deeper than our limit
+        raise MalformedBody(f"the body nests deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise MalformedBody(f"the body is not valid JSON: {exc}") from None
+    _check_tree(value)
+    return value
+
+
+def _int(text: str) -> int:
+    _check_length(text)
+    return int(text)
+
+
+def _float(text: str) -> float:
+    _check_length(text)
+    number = float(text)
+    if not math.isfinite(number):
+        raise MalformedBody(f"the number {text} is out of range")
+    return number
+
+
+def _constant(text: str) -> float:
+    raise MalformedBody(f"{text} is not a JSON number")
+
+
+def _check_length(text: str) -> None:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise MalformedBody(f"a number in the body is longer than {MAX_NUMBER_CHARS} characters")
+
+
+def _check_tree(value: Any) -> None:
+    """Walk the parsed body without recursion: nesting depth and text."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            # A lone surrogate is no character: it cannot be encoded, stored or echoed.
+            if _SURROGATE.search(item):
+                raise MalformedBody("the body holds a lone surrogate (\\ud800-\\udfff)")
+        elif isinstance(item, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise MalformedBody(f"the body nests deeper than {MAX_JSON_DEPTH} levels")
+            children = [*item, *item.values()] if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children)
 
 
 def correlation_id(request: Request) -> str:

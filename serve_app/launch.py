@@ -5,6 +5,7 @@ Used by ``rbee serve``, the tests and the benchmarks, so all three run the same 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from ray import serve
 
 from actors import logs
 from actors.cluster import shutdown_cluster
-from actors.config import Config
+from actors.config import Config, ServerConfig
 from actors.embedded import LOCAL_ID, ensure_embedded
 from actors.naming import NAMESPACE
 from serve_app.deployment import APP_NAME, Ingress
@@ -47,6 +48,13 @@ class Hive:
         """Start Ray (or join ``address``), deploy rbee, wait for ``/health``; undo on exit."""
         logs.configure()
         config = config or Config.load(config_path, **overrides)
+        if open_without_token(config.server):
+            log.warning(
+                "rbee listens on %s with no API token: anyone who reaches port %d can run "
+                "jobs; set RBEE_API_TOKEN (server.api_token) or bind 127.0.0.1",
+                config.server.host,
+                config.server.port,
+            )
         own_ray = not ray.is_initialized()
         if own_ray:
             context = ray.init(address=address, namespace=NAMESPACE, **(ray_init or {}))
@@ -82,6 +90,26 @@ class Hive:
                 job = client.post("/v1/jobs", json={"operation": "worker_spawn", "model": model})
                 job.raise_for_status()
                 _wait_job(client, job.json()["job_id"], self.config.engine.load_timeout_s)
+
+
+def open_without_token(server: ServerConfig) -> bool:
+    """True when the server listens beyond this machine (anything but 127.0.0.0/8, ::1 or
+    localhost: ``0.0.0.0``, ``::``, a LAN address, any other host name) with no API token."""
+    return server.api_token is None and not is_loopback(server.host)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, ``[::1]``, or a name) is this machine's loopback only."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (not loopback to Python before 3.13)
+    return address.is_loopback
 
 
 def _wait_job(client: httpx.Client, job_id: str, timeout: float) -> None:

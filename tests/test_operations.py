@@ -1,7 +1,7 @@
 import pytest
 
 from actors.errors import InvalidRequest, UnsafePath
-from actors.operations import ModelDownload, parse_operation
+from actors.operations import ModelDownload, check_id, is_id, parse_operation
 
 
 def test_download_defaults():
@@ -46,3 +46,78 @@ def test_bad_operations_are_refused(body):
 def test_paths_that_leave_the_cache_are_refused(body):
     with pytest.raises(UnsafePath):
         parse_operation(body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # `$` matches before a final newline, so every id is matched whole.
+        {"operation": "model_get", "model": "org/name\n"},
+        {"operation": "model_download", "model": "\norg/name"},
+        {"operation": "infer", "model": "org/name ", "prompt": "x"},
+        {"operation": "model_delete", "model": "org/na me"},
+    ],
+)
+def test_model_ids_with_whitespace_are_refused(body):
+    with pytest.raises(UnsafePath):
+        parse_operation(body)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["x\n", " x", "x ", "a b", "a\tb", "a\x00b", "a\x7fb", "a\u00a0b", "a\u200bb", "a\u2028b"],
+)
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"operation": "hive_list", "hive_id": "{}"},
+        {"operation": "worker_stop", "worker_id": "{}"},
+        {"operation": "infer", "model": "org/name", "prompt": "x", "worker_id": "{}"},
+        {"operation": "worker_spawn", "model": "org/name", "worker_id": "{}"},
+        {"operation": "model_download", "model": "org/name", "revision": "{}"},
+        {"operation": "model_download", "model": "org/name", "files": ["{}"]},
+        {"operation": "model_download", "model": "org/name", "vendor": "url", "url": "http://h/{}"},
+    ],
+)
+def test_ids_with_whitespace_or_control_characters_are_refused(body, bad):
+    with pytest.raises(InvalidRequest):
+        parse_operation({k: _fill(v, bad) for k, v in body.items()})
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 129])
+def test_ids_are_1_to_128_characters(bad):
+    for body in (
+        {"operation": "hive_list", "hive_id": bad},
+        {"operation": "worker_stop", "worker_id": bad},
+    ):
+        with pytest.raises(InvalidRequest):
+            parse_operation(body)
+
+
+def _fill(value, bad):
+    if isinstance(value, list):
+        return [v.replace("{}", bad) for v in value]
+    return value.replace("{}", bad) if isinstance(value, str) else value
+
+
+def test_good_ids_pass():
+    op = parse_operation(
+        {
+            "operation": "model_download",
+            "model": "Org-1/name_2.v3",
+            "revision": "refs/pr/1",
+            "files": ["*.safetensors", "sub/config.json"],
+            "vendor": "url",
+            "url": "https://example.com/a/b?c=d",
+            "hive_id": "3f2a9c",
+        }
+    )
+    assert isinstance(op, ModelDownload) and op.hive_id == "3f2a9c"
+    assert parse_operation({"operation": "worker_stop", "worker_id": "w-main"})
+
+
+def test_check_id():
+    assert check_id("job-1") == "job-1"
+    assert is_id("é-ok") and not is_id("job-1\n") and not is_id("x" * 129)
+    with pytest.raises(InvalidRequest, match="job_id"):
+        check_id("job 1", "job_id")
