@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
-import huggingface_hub
 import ray
 from ray.util import metrics
 
@@ -15,7 +14,7 @@ from actors.downloads import ModelDownloads
 from actors.events import Event
 from actors.operations import ModelDownload
 from actors.transfer import BandwidthLimiter, Downloader
-from actors.vendors import HfVendor, UrlVendor, hub_client_factory
+from actors.vendors import HfVendor, UrlVendor
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)
@@ -30,7 +29,6 @@ class DownloadActor:
             follow_redirects=True,
             max_redirects=cfg.max_redirects,
         )
-        huggingface_hub.set_client_factory(hub_client_factory(cfg))
         downloader = Downloader(
             self._client,
             limiter=BandwidthLimiter(cfg.bandwidth_limit_bps),

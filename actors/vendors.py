@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 import httpx2
-from huggingface_hub import HfApi, hf_hub_url
+from huggingface_hub import HfApi, hf_hub_url, set_client_factory
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -110,7 +110,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 class HfVendor:
-    """A Hugging Face hub at ``endpoint`` (the public hub or any mirror speaking its API)."""
+    """A Hugging Face hub at ``endpoint`` (the public hub or any mirror speaking its API).
+
+    ``huggingface_hub`` has one HTTP client per process: making a vendor makes it the bounded
+    one of :func:`hub_client_factory` (rbee moves file bytes itself; only API calls use it).
+    """
 
     def __init__(
         self,
@@ -124,21 +128,27 @@ class HfVendor:
         self._api = HfApi(endpoint=self.endpoint, token=token or False)
         self._cache_dir = cache_dir
         self._limits = limits or DownloadConfig()
+        set_client_factory(hub_client_factory(self._limits))
 
     def __repr__(self) -> str:
         return f"HfVendor({self.endpoint!r})"  # never the token
 
     async def plan(self, op: ModelDownload) -> DownloadPlan:
         # every request counts: pages, and the redirects and retries huggingface_hub makes
-        slack = self._limits.max_redirects + _HUB_RETRIES
-        pages = self._limits.max_listing_pages + slack
+        limits = self._limits
+        slack = limits.max_redirects + _HUB_RETRIES
         with hub_errors(op.model):
             info = await asyncio.to_thread(
-                _within_pages, 1 + slack, self._api.model_info, op.model, revision=op.revision
+                _within_pages,
+                _Pages(1 + slack, limits.max_api_bytes),
+                self._api.model_info,
+                op.model,
+                revision=op.revision,
             )
             commit = check_commit(info.sha, "commit id")
             if is_commit(op.revision) and op.revision != commit:
                 raise BadHubAnswer(f"asked for commit {op.revision}, the hub answered {commit}")
+            pages = _Pages(limits.max_listing_pages + slack, limits.max_api_bytes)
             files = await asyncio.to_thread(_within_pages, pages, self._files, op.model, commit)
         chosen = list(filter_repo_objects(files, allow_patterns=op.files, key=lambda f: f.path))
         if op.files and not chosen:
@@ -206,10 +216,10 @@ def _check_listed(entry: RepoFile) -> None:
 
 
 class _Pages:
-    """How many more requests one planning step may make."""
+    """How many more requests one planning step may make, and how big each answer may be."""
 
-    def __init__(self, left: int) -> None:
-        self.left = left
+    def __init__(self, left: int, max_bytes: int) -> None:
+        self.left, self.max_bytes = left, max_bytes
 
     def charge(self) -> None:
         self.left -= 1
@@ -220,12 +230,12 @@ class _Pages:
 _PAGES: contextvars.ContextVar[_Pages | None] = contextvars.ContextVar("rbee_pages", default=None)
 
 
-def _within_pages(pages: int, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """``call(*args, **kwargs)`` allowed ``pages`` requests (and their redirects) at most.
+def _within_pages(pages: _Pages, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call(*args, **kwargs)`` within ``pages``: so many requests, so big an answer each.
 
     Runs in a worker thread with its own copy of the context, so the budget is this call's.
     """
-    _PAGES.set(_Pages(pages))
+    _PAGES.set(pages)
     return call(*args, **kwargs)
 
 
@@ -253,16 +263,19 @@ class _Capped(httpx2.SyncByteStream):
 
 
 class _Guarded(httpx2.BaseTransport):
-    """Charges each request to the current page budget and caps each answer's size."""
+    """Within a page budget (rbee's planning calls): charges each request to it and caps
+    each answer's size. Other calls of the process pass through."""
 
-    def __init__(self, inner: httpx2.BaseTransport, max_bytes: int) -> None:
-        self._inner, self._max_bytes = inner, max_bytes
+    def __init__(self, inner: httpx2.BaseTransport) -> None:
+        self._inner = inner
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
-        if (pages := _PAGES.get()) is not None:
-            pages.charge()
+        pages = _PAGES.get()
+        if pages is None:
+            return self._inner.handle_request(request)
+        pages.charge()
         response = self._inner.handle_request(request)
-        response.stream = _Capped(response.stream, self._max_bytes, str(request.url))  # type: ignore[arg-type]
+        response.stream = _Capped(response.stream, pages.max_bytes, str(request.url))  # type: ignore[arg-type]
         return response
 
     def close(self) -> None:
@@ -271,12 +284,13 @@ class _Guarded(httpx2.BaseTransport):
 
 def hub_client_factory(limits: DownloadConfig) -> Callable[[], httpx2.Client]:
     """What to give ``huggingface_hub.set_client_factory`` in a process that plans
-    downloads: its own client, bounded (stalls, answer size, pages, redirects)."""
+    downloads: a client that waits ``stall_s`` for a silent hub (huggingface_hub's own waits
+    forever) and follows ``max_redirects``; within a plan, pages and answer sizes are bounded."""
     from huggingface_hub.utils._http import hf_request_event_hook  # its user agent, request ids
 
     def build() -> httpx2.Client:
         return httpx2.Client(
-            transport=_Guarded(httpx2.HTTPTransport(), limits.max_api_bytes),
+            transport=_Guarded(httpx2.HTTPTransport()),
             event_hooks={"request": [hf_request_event_hook]},
             follow_redirects=True,
             max_redirects=limits.max_redirects,
