@@ -14,6 +14,9 @@ from tests.fakehub import FakeHub
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+#: The session hive's hub token: sent to the fake hub, and looked for where it must never be.
+HUB_TOKEN = "hf_rbeeSessionToken7f3a91c2"
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -44,11 +47,20 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
 
     config = Config.load(
         env={},
-        hub={"endpoint": hub.url},
+        hub={"endpoint": hub.url, "token": HUB_TOKEN},
         cache_dir=cache_dir,
         state_dir=tmp_path_factory.mktemp("state"),
         server={"host": "127.0.0.1", "port": free_port(), "keepalive_s": 1.0},
-        downloads={"concurrency": 2, "parallel_min_size": 4 << 20, "segments": 4, "retries": 3},
+        downloads={
+            "concurrency": 2,
+            "parallel_min_size": 4 << 20,
+            "segments": 4,
+            "retries": 3,
+            # a lying hub's endless answers end quickly: short stalls, small listings
+            "stall_s": 2.0,
+            "max_files": 2_000,
+            "max_listing_pages": 30,
+        },
         embedded=False,
         preload=[],
     )
@@ -104,7 +116,12 @@ def worker(hive, tiny_model: str) -> dict:
     from tests.helpers import read_sse, submit
 
     with httpx.Client(base_url=hive.url, timeout=30) as client:
-        op = {"operation": "worker_spawn", "model": tiny_model, "device": "gpu", "worker_id": "w-main"}
+        op = {
+            "operation": "worker_spawn",
+            "model": tiny_model,
+            "device": "gpu",
+            "worker_id": "w-main",
+        }
         job_id = submit(client, op)
         stream = read_sse(client, f"/v1/jobs/{job_id}/stream", deadline_s=300)
         assert stream.sentinel == "[DONE]", stream.events

@@ -12,6 +12,19 @@ Routes: ``GET /api/models/<repo>[/revision/<rev>]`` (model info), ``GET
 (files, with ``Range``), ``HEAD|GET /files/<name>`` (plain files). Faults are injected per
 file; a plain file added with :meth:`FakeHub.add_file` is addressed as ``(FakeHub.PLAIN,
 name)``. Every request is logged as a :class:`RequestRecord`.
+
+The hub can also be hostile, to test that a client treats it as untrusted input:
+
+* :meth:`FakeHub.lie` makes a repo's model info answer any ``sha`` and ``siblings`` and its
+  tree answer any raw entry list, whatever revision (or folder) is asked. Its files resolve at
+  any revision: a path registered with :meth:`FakeHub.add_repo` (at the asked revision, else
+  ``main``) serves those bytes, any other path the lie lists serves :attr:`FakeHub.LIE_BODY`
+  (a git blob, ETag = its git sha1), and ``X-Repo-Commit`` carries the lying sha.
+* :meth:`FakeHub.inject_body` breaks the framing of a file's next GETs (see
+  :data:`BodyMode`): endless chunked bodies, bodies longer than announced or than the file,
+  no length at all, a gzip bomb, a stall, a redirect loop, a redirect to ``file://``.
+* :meth:`FakeHub.endless_listing` makes a repo's tree endpoint page forever (``Link`` headers).
+* :meth:`FakeHub.require_token` answers 401 to every request without the right bearer token.
 """
 
 from __future__ import annotations
@@ -21,14 +34,18 @@ import http.server
 import json
 import pathlib
 import re
+import select
 import socket
+import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from types import TracebackType
-from typing import Any, BinaryIO
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, BinaryIO, Literal, get_args
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 _READ_CHUNK = 1 << 20
 _PACE_SLICE = 16 << 10
@@ -36,6 +53,28 @@ _HASH_CHUNK = 4 << 20
 _CORRUPT = bytes(b ^ 0x5A for b in range(256))
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _DATE = "2024-01-01T00:00:00.000Z"
+_EXTRA = 1 << 20  # bytes past the true body for the "longer" modes
+_JUNK = b"fakehub junk\n" * 5041  # 65533 bytes (64 KiB, less a little) of what no file holds
+_EXTRA_JUNK = (_JUNK * (_EXTRA // len(_JUNK) + 1))[:_EXTRA]
+_LIE_BODY = b"fakehub: a path only a lie names\n"
+_STALL_HEAD = 1024
+_HOLD_SLICE = 0.05
+_LOOP = "fakehub-loop"  # query marker of the two urls a redirect loop alternates between
+_PAGE = 100  # entries per endless listing page
+_BOMB_SIZE = 1 << 30
+_BOMB_SEGMENT = 16 << 20
+_NO_SHA = "0" * 40
+
+BodyMode = Literal[
+    "endless",  # chunked, no Content-Length: the true bytes, then junk chunks until hangup/stop
+    "longer",  # Content-Length = size + 1 MiB: the true bytes then 1 MiB of junk (Range ignored)
+    "longer_unannounced",  # honest Content-Length, then 1 MiB more junk, then close
+    "no_length",  # no Content-Length nor chunking, ``Connection: close``: bytes, then close
+    "gzip_bomb",  # Content-Encoding: gzip of 1 GiB of zeros (~1 MiB sent) (Range ignored)
+    "stall",  # honest Content-Length, min(1024, length // 2) bytes, then silence until hangup/stop
+    "redirect_loop",  # 302 forever, alternating between two urls of the same file
+    "redirect_outside",  # 302 to file:///etc/passwd
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +107,21 @@ class _Faults:
     drop: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # key -> [after, times]
     corrupt: dict[tuple[str, str], int] = field(default_factory=dict)
     status: dict[tuple[str, str], list[int]] = field(default_factory=dict)  # key -> [status, times]
+    body: dict[tuple[str, str], tuple[BodyMode, int]] = field(default_factory=dict)  # (mode, times)
+    no_head_length: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass(frozen=True, slots=True)
+class _Lie:
+    sha: str | None = None
+    tree: list[Any] | None = None
+    siblings: list[Any] | None = None
+
+    def paths(self) -> set[str]:
+        """Every file path the lie names (tree ``path``s and sibling ``rfilename``s)."""
+        named = [e.get("path") for e in self.tree or () if isinstance(e, dict)]
+        named += [s.get("rfilename") for s in self.siblings or () if isinstance(s, dict)]
+        return {p for p in named if isinstance(p, str)}
 
 
 class _Dropped(Exception):
@@ -92,6 +146,34 @@ def _make_blob(data: bytes | pathlib.Path, lfs_threshold: int) -> _Blob:
     return _Blob(data, size, _digest(data, "sha1", b"blob %d\0" % size), lfs=False)
 
 
+_LIE_BLOB = _make_blob(_LIE_BODY, lfs_threshold=1024)
+_bomb: bytes | None = None
+_bomb_lock = threading.Lock()
+
+
+def _gzip_bomb() -> bytes:
+    """1 GiB of zeros as one gzip stream of about 1 MiB, built once (in about 0.3 s).
+
+    Compressing 1 GiB takes seconds, so one 16 MiB segment is compressed after a full flush
+    (which forbids back-references across it, so every later segment compresses to the same
+    bytes) and repeated; the trailer is then written for the whole 1 GiB.
+    """
+    global _bomb
+    with _bomb_lock:
+        if _bomb is None:
+            zeros = bytes(_BOMB_SEGMENT)
+            z = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: the gzip wrapper
+            head = z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH)
+            segment = z.compress(zeros) + z.flush(zlib.Z_FULL_FLUSH)
+            last_block = z.flush(zlib.Z_FINISH)[:-8]  # its own trailer counted 32 MiB only
+            crc, n = 0, _BOMB_SIZE // _BOMB_SEGMENT
+            for _ in range(n):
+                crc = zlib.crc32(zeros, crc)
+            trailer = struct.pack("<II", crc, _BOMB_SIZE & 0xFFFFFFFF)
+            _bomb = head + segment * (n - 1) + last_block + trailer
+        return _bomb
+
+
 class FakeHub:
     """A threaded HTTP/1.1 server that answers like the Hugging Face hub.
 
@@ -100,6 +182,7 @@ class FakeHub:
     """
 
     PLAIN = ""  #: the ``repo_id`` under which :meth:`add_file` files take injected faults
+    LIE_BODY = _LIE_BODY  #: what a lie's own paths serve (a git blob: ETag = git sha1)
 
     def __init__(self) -> None:
         self.throttle_bps: int | None = None
@@ -108,6 +191,10 @@ class FakeHub:
         self._repos: dict[str, dict[str, _Commit]] = {}
         self._plain: dict[str, _Blob] = {}
         self._faults = _Faults()
+        self._lies: dict[str, _Lie] = {}
+        self._endless: dict[str, bool] = {}  # repo -> empty pages
+        self._token: str | None = None
+        self._stopping = threading.Event()
         self._conns: set[socket.socket] = set()
         self._server = _Server(self)
         self._thread: threading.Thread | None = None
@@ -127,6 +214,7 @@ class FakeHub:
 
     def stop(self) -> None:
         """Stop serving and cut every open connection."""
+        self._stopping.set()  # endless and stalled responses end at once
         if self._thread is not None:
             self._server.shutdown()
             self._thread.join()
@@ -200,14 +288,85 @@ class FakeHub:
         with self._lock:
             self._faults.status[(repo_id, path)] = [status, times]
 
-    def _take_faults(self, key: tuple[str, str]) -> tuple[int | None, int | None, bool]:
+    def inject_body(self, repo_id: str, path: str, mode: BodyMode, times: int = 1_000_000) -> None:
+        """Answer the next ``times`` GETs with a hostile body or redirect (see :data:`BodyMode`).
+
+        HEADs stay honest. Range is honoured (on the true bytes) except by ``longer`` and
+        ``gzip_bomb``, which answer 200 in full. An injected status wins over this; this wins
+        over an injected drop or corruption (which then wait for a later GET).
+        """
+        if mode not in get_args(BodyMode):
+            raise ValueError(f"unknown body mode {mode!r}")
+        with self._lock:
+            self._faults.body[(repo_id, path)] = (mode, times)
+
+    def hide_head_length(self, repo_id: str, path: str) -> None:
+        """From now on HEADs of this file carry no Content-Length (a server that does not
+        know its lengths); pair it with ``inject_body(..., "no_length")`` for the GETs."""
+        with self._lock:
+            self._faults.no_head_length.add((repo_id, path))
+
+    # -- hostility -------------------------------------------------------------------------
+    def lie(
+        self,
+        repo_id: str,
+        *,
+        sha: str | None = None,
+        tree: list[dict[str, Any]] | None = None,
+        siblings: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """From now on answer ``sha``, the raw ``tree`` and ``siblings`` for ``repo_id``.
+
+        Any revision then resolves (see the module docstring); ``repo_id`` need not have been
+        added. ``None`` keeps that part as it was (true, or an earlier lie). The lists are
+        copied, and sent as they are.
+        """
+        tree, siblings = json.loads(json.dumps([tree, siblings]))
+        with self._lock:
+            lie = self._lies.get(repo_id, _Lie())
+            self._lies[repo_id] = replace(
+                lie,
+                sha=lie.sha if sha is None else sha,
+                tree=lie.tree if tree is None else tree,
+                siblings=lie.siblings if siblings is None else siblings,
+            )
+
+    def endless_listing(self, repo_id: str, *, empty_pages: bool = False) -> None:
+        """Make every tree page of ``repo_id`` link a next page, forever, at any revision.
+
+        Page ``n`` holds 100 files ``f/<n>/<i>.bin`` (40-hex oid, size 1), or nothing if
+        ``empty_pages``; the next page is ``?cursor=<n+1>``. This wins over a lying tree.
+        """
+        with self._lock:
+            self._endless[repo_id] = empty_pages
+
+    def require_token(self, token: str | None) -> None:
+        """Answer 401 to every request without ``Authorization: Bearer <token>``; ``None``: off."""
+        with self._lock:
+            self._token = token
+
+    def _authorized(self, h: _Handler) -> bool:
+        with self._lock:
+            token = self._token
+        return token is None or h.headers.get("Authorization") == f"Bearer {token}"
+
+    def _take_faults(
+        self, key: tuple[str, str]
+    ) -> tuple[int | None, BodyMode | None, int | None, bool]:
+        """``(status, body mode, drop after, corrupt)`` for one GET, each counted as used."""
         with self._lock:
             f = self._faults
             if (entry := f.status.get(key)) is not None:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del f.status[key]
-                return entry[0], None, False
+                return entry[0], None, None, False
+            if (body := f.body.get(key)) is not None:
+                if body[1] <= 1:
+                    del f.body[key]
+                else:
+                    f.body[key] = (body[0], body[1] - 1)
+                return None, body[0], None, False
             drop = None
             if (entry := f.drop.get(key)) is not None:
                 drop = entry[0]
@@ -217,7 +376,7 @@ class FakeHub:
             corrupt = f.corrupt.get(key, 0) > 0
             if corrupt:
                 f.corrupt[key] -= 1
-            return None, drop, corrupt
+            return None, None, drop, corrupt
 
     # -- request log -----------------------------------------------------------------------
     def count(self, method: str | None = None, path_contains: str | None = None) -> int:
@@ -254,7 +413,9 @@ class FakeHub:
         # Split before unquoting: the hub quotes revisions with safe="", so "refs%2Fpr%2F1"
         # is one segment.
         segs = [unquote(s) for s in split.path.split("/")[1:]]
-        if h.command not in ("GET", "HEAD"):
+        if not self._authorized(h):
+            self._error(h, 401, "Unauthorized", "Invalid credentials in Authorization header")
+        elif h.command not in ("GET", "HEAD"):
             self._error(h, 404, "NotFound", "no such route")
         elif segs[:2] == ["api", "models"] and len(segs) > 2:
             self._api(h, segs[2:], parse_qs(split.query))
@@ -276,7 +437,9 @@ class FakeHub:
         with self._lock:
             revs = self._repos.get(repo_id)
             commit = revs.get(rev) if revs is not None else None
-        if revs is None:
+            if commit is None and repo_id in self._lies:  # a liar answers any revision
+                commit = (revs or {}).get("main", _Commit(_NO_SHA, {}))
+        if commit is None and revs is None:
             self._error(h, 404, "RepoNotFound", f"Repository {repo_id} not found")
         elif commit is None:
             self._error(h, 404, "RevisionNotFound", f"Invalid rev id: {rev}")
@@ -293,32 +456,68 @@ class FakeHub:
             tail = ["revision", "main"]
         if len(tail) < 2:
             return self._error(h, 404, "NotFound", "no such route")
+        with self._lock:
+            lie, empty_pages = self._lies.get(repo_id, _Lie()), self._endless.get(repo_id)
+        if tail[0] == "tree" and empty_pages is not None:
+            return self._listing_page(h, query, empty_pages)
+        if tail[0] == "tree" and lie.tree is not None:
+            return self._json(h, 200, lie.tree)
         if (commit := self._lookup(h, repo_id, tail[1])) is None:
             return None
         if tail[0] == "revision" and len(tail) == 2:
-            return self._json(h, 200, _model_info(repo_id, commit))
+            info = _model_info(repo_id, commit)
+            if lie.sha is not None:
+                info["sha"] = lie.sha
+            if lie.siblings is not None:
+                info["siblings"] = lie.siblings
+            return self._json(h, 200, info)
         if tail[0] == "tree":
             recursive = query.get("recursive", ["false"])[0].lower() == "true"
             return self._json(h, 200, _tree(commit, "/".join(tail[2:]), recursive))
         return self._error(h, 404, "NotFound", "no such route")
 
+    def _listing_page(self, h: _Handler, query: dict[str, list[str]], empty: bool) -> None:
+        cursor = query.get("cursor", ["0"])[0]
+        page = int(cursor) if cursor.isdigit() else 0
+        entries = [
+            {
+                "type": "file",
+                "path": f"f/{page}/{i}.bin",
+                "oid": hashlib.sha1(f"{page}/{i}".encode()).hexdigest(),
+                "size": 1,
+            }
+            for i in range(0 if empty else _PAGE)
+        ]
+        next_query = urlencode({**query, "cursor": [str(page + 1)]}, doseq=True)
+        link = f'<{self.url}{urlsplit(h.path).path}?{next_query}>; rel="next"'
+        self._json(h, 200, entries, {"Link": link})
+
     def _resolve(self, h: _Handler, repo_id: str, rev: str, path: str) -> None:
         if (commit := self._lookup(h, repo_id, rev)) is None:
             return
         blob = commit.files.get(path)
+        sha = commit.sha
+        with self._lock:
+            lie = self._lies.get(repo_id)
+        if lie is not None:
+            sha = commit.sha if lie.sha is None else lie.sha
+            known = commit.files.keys() | lie.paths()
+            if path not in known:  # a revision with a "/" the client left unquoted
+                full = f"{rev}/{path}"
+                path = max((p for p in known if full.endswith(f"/{p}")), key=len, default=path)
+            blob = commit.files.get(path, _LIE_BLOB if path in known else None)
         if blob is None:
-            self._error(
-                h, 404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": commit.sha}
-            )
+            self._error(h, 404, "EntryNotFound", f"{path} does not exist", {"X-Repo-Commit": sha})
             return
-        headers = {"X-Repo-Commit": commit.sha}
+        headers = {"X-Repo-Commit": sha}
         if blob.lfs:
             headers |= {"X-Linked-Etag": f'"{blob.etag}"', "X-Linked-Size": str(blob.size)}
         self._send_blob(h, blob, (repo_id, path), headers)
 
     # -- responses -------------------------------------------------------------------------
-    def _start(self, h: _Handler, status: int, headers: dict[str, str], length: int) -> int:
-        """Log, then send the status line and headers; returns the log slot."""
+    def _start(self, h: _Handler, status: int, headers: dict[str, str], length: int | None) -> int:
+        """Log, then send the status line and headers (no Content-Length if ``length`` is
+        ``None``); returns the log slot."""
         records, idx = self._log(
             RequestRecord(
                 h.command, unquote(urlsplit(h.path).path), h.headers.get("Range"), status, 0
@@ -328,7 +527,8 @@ class FakeHub:
         h.send_response(status)
         for name, value in headers.items():
             h.send_header(name, value)
-        h.send_header("Content-Length", str(length))
+        if length is not None:
+            h.send_header("Content-Length", str(length))
         h.end_headers()
         return idx
 
@@ -350,9 +550,11 @@ class FakeHub:
         self._start(h, status, all_headers, len(body))
         self._body(h, body)
 
-    def _json(self, h: _Handler, status: int, obj: Any) -> None:
+    def _json(
+        self, h: _Handler, status: int, obj: Any, headers: dict[str, str] | None = None
+    ) -> None:
         body = json.dumps(obj).encode()
-        self._start(h, status, {"Content-Type": "application/json"}, len(body))
+        self._start(h, status, {"Content-Type": "application/json", **(headers or {})}, len(body))
         self._body(h, body)
 
     def _body(self, h: _Handler, body: bytes) -> None:
@@ -363,8 +565,11 @@ class FakeHub:
     def _send_blob(
         self, h: _Handler, blob: _Blob, key: tuple[str, str], headers: dict[str, str]
     ) -> None:
-        status_fault, drop, corrupt = (
-            self._take_faults(key) if h.command == "GET" else (None, None, False)
+        looping = parse_qs(urlsplit(h.path).query).get(_LOOP)
+        status_fault, mode, drop, corrupt = (
+            self._take_faults(key)
+            if h.command == "GET" and not looping
+            else (None, None, None, False)
         )
         if status_fault is not None:
             return self._error(h, status_fault, "Injected", "injected failure")
@@ -374,17 +579,103 @@ class FakeHub:
             "Content-Type": "application/octet-stream",
             **headers,
         }
+        if looping or mode is not None:
+            return self._send_hostile(h, blob, mode or "redirect_loop", headers)
+        if (span := self._span(h, blob, headers)) is None:
+            return None
+        status, start, length = span
+        if h.command == "HEAD" and key in self._faults.no_head_length:
+            self._start(h, status, {**headers, "Connection": "close"}, None)
+            h.close_connection = True
+            return None
+        self._start(h, status, headers, length)
+        if h.command == "GET":
+            self._stream(h, blob, start, length, drop, corrupt)
+        return None
+
+    def _span(
+        self, h: _Handler, blob: _Blob, headers: dict[str, str]
+    ) -> tuple[int, int, int] | None:
+        """``(status, start, length)`` the Range asks for (adds Content-Range to ``headers``);
+        ``None`` once a 416 went out."""
         start, end, status = 0, blob.size - 1, 200
         if (wanted := _parse_range(h.headers.get("Range"), blob.size)) is not None:
             if wanted == (-1, -1):
                 headers["Content-Range"] = f"bytes */{blob.size}"
-                return self._error(h, 416, "RangeNotSatisfiable", "bad range", headers)
+                self._error(h, 416, "RangeNotSatisfiable", "bad range", headers)
+                return None
             (start, end), status = wanted, 206
             headers["Content-Range"] = f"bytes {start}-{end}/{blob.size}"
-        length = end - start + 1
-        self._start(h, status, headers, length)
-        if h.command == "GET":
-            self._stream(h, blob, start, length, drop, corrupt)
+        return status, start, end - start + 1
+
+    def _send_hostile(
+        self, h: _Handler, blob: _Blob, mode: BodyMode, headers: dict[str, str]
+    ) -> None:
+        """Answer one GET as ``mode`` says (and any request for a redirect loop's urls)."""
+        if mode == "redirect_loop":  # the plain url goes to "a", "a" to "b", "b" to "a"...
+            here = parse_qs(urlsplit(h.path).query).get(_LOOP, [""])[0]
+            there = urlencode({_LOOP: "b" if here == "a" else "a"})
+            location = f"{self.url}{urlsplit(h.path).path}?{there}"
+            self._start(h, 302, {**headers, "Location": location}, 0)
+        elif mode == "redirect_outside":
+            self._start(h, 302, {**headers, "Location": "file:///etc/passwd"}, 0)
+        elif mode == "gzip_bomb":
+            bomb = _gzip_bomb()
+            self._start(h, 200, {**headers, "Content-Encoding": "gzip"}, len(bomb))
+            self._send(h, bomb)
+        elif mode == "longer":
+            self._start(h, 200, headers, blob.size + _EXTRA)
+            for piece in _pieces(blob, 0, blob.size):
+                self._send(h, piece)
+            self._send(h, _EXTRA_JUNK)
+        elif (span := self._span(h, blob, headers)) is not None:
+            status, start, length = span
+            if mode == "endless":
+                self._start(h, status, {**headers, "Transfer-Encoding": "chunked"}, None)
+                for piece in _pieces(blob, start, length):
+                    self._send(h, piece, chunked=True)
+                while not self._stopping.is_set():  # the socket blocks: no spinning
+                    self._send(h, _JUNK, chunked=True)
+                raise _Dropped
+            if mode == "stall":
+                self._start(h, status, headers, length)
+                for piece in _pieces(blob, start, min(_STALL_HEAD, length // 2)):
+                    self._send(h, piece)
+                self._hold(h)
+                raise _Dropped
+            self._start(
+                h,
+                status,
+                {**headers, "Connection": "close"} if mode == "no_length" else headers,
+                None if mode == "no_length" else length,
+            )
+            for piece in _pieces(blob, start, length):
+                self._send(h, piece)
+            if mode == "longer_unannounced":
+                self._send(h, _EXTRA_JUNK)
+            h.close_connection = True
+
+    def _send(self, h: _Handler, data: bytes | memoryview, *, chunked: bool = False) -> None:
+        """Write body bytes (as one chunk if ``chunked``), counting them as sent."""
+        view = memoryview(data)
+        for i in range(0, len(view), len(_JUNK)):
+            piece = view[i : i + len(_JUNK)]
+            if chunked:
+                h.connection.sendall(b"".join((b"%x\r\n" % len(piece), piece, b"\r\n")))
+            else:
+                h.connection.sendall(piece)
+            h.sent += len(piece)
+
+    def _hold(self, h: _Handler) -> None:
+        """Send nothing until the client hangs up or the hub stops."""
+        conn = h.connection
+        while not self._stopping.wait(_HOLD_SLICE):
+            if select.select([conn], [], [], 0)[0]:
+                try:
+                    if not conn.recv(1, socket.MSG_PEEK):
+                        return  # the client hung up
+                except OSError:
+                    return
 
     def _stream(
         self, h: _Handler, blob: _Blob, start: int, length: int, drop: int | None, corrupt: bool
@@ -416,6 +707,20 @@ class FakeHub:
                 src.close()
         if h.sent < length:
             raise _Dropped
+
+
+def _pieces(blob: _Blob, start: int, length: int) -> Iterator[bytes | memoryview]:
+    """The blob's bytes ``[start, start + length)``, at most 1 MiB at a time."""
+    if isinstance(blob.data, bytes):
+        view = memoryview(blob.data)[start : start + length]
+        for i in range(0, len(view), _READ_CHUNK):
+            yield view[i : i + _READ_CHUNK]
+        return
+    with blob.data.open("rb") as f:
+        f.seek(start)
+        while length > 0 and (chunk := f.read(min(_READ_CHUNK, length))):
+            length -= len(chunk)
+            yield chunk
 
 
 class _Pacer:
