@@ -99,7 +99,7 @@ def _outside_names(root: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_a_lying_hub_fails_the_download_cleanly(api, hub, cache_dir, case):
+def test_a_lying_hub_fails_the_download_cleanly(api, hub, hive, cache_dir, case):
     setup, says = CASES[case]
     repo = f"org/hostile-{uuid.uuid4().hex[:8]}"
     hub.add_repo(repo, {"model.bin": DATA})
@@ -116,9 +116,13 @@ def test_a_lying_hub_fails_the_download_cleanly(api, hub, cache_dir, case):
         error = stream.of("error")[-1]
         assert error["code"] == "DOWNLOAD_FAILED", error
         assert says in error["message"], error["message"]
+        # a silent hub may wake up; a hub that lies will lie again
+        assert error["retriable"] is (case == "stalled connection"), error
         record = api.get(f"/v1/jobs/{job_id}").json()
         assert record["state"] == "failed" and record["error"]["code"] == "DOWNLOAD_FAILED"
     assert took < 40, f"{case} took {took:.1f}s to end"
+    if case == "stalled connection":  # waited stall_s each time, retried, then gave up
+        assert hub.count("GET", f"{repo}/resolve/") == 1 + hive.config.downloads.retries
 
     root = cache_dir.parent  # the session's temporary tree: the cache and its neighbours
     assert _outside_names(root) == []
