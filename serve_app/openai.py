@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from actors.errors import InvalidRequest, RbeeError
 from serve_app.jobstream import JobStream
@@ -88,13 +89,11 @@ class OpenAi:
             "stop": stop,
             **what,
         }
-        job_id = await self._jobs.submit(request, {k: v for k, v in op.items() if v is not None})
+        job_id = await self._submit(request, {k: v for k, v in op.items() if v is not None})
         headers = {"X-Job-Id": job_id}
         chunks = _Chunks(kind, job_id, body.model)
         if body.stream:
-            return StreamingResponse(
-                self._stream(job_id, chunks), media_type="text/event-stream", headers=headers
-            )
+            return _JobStreamResponse(self._jobs, job_id, self._stream(job_id, chunks), headers)
         try:
             result = await self._jobs.result(job_id)
         except asyncio.CancelledError:
@@ -102,29 +101,69 @@ class OpenAi:
             raise
         return JSONResponse(chunks.whole(result), headers=headers)
 
-    async def _stream(self, job_id: str, chunks: _Chunks) -> AsyncIterator[str]:
-        finished = False
+    async def _submit(self, request: Request, op: dict[str, Any]) -> str:
+        """Submit the job; a client gone before its id came back still gets it cancelled."""
+        submitting = asyncio.ensure_future(self._jobs.submit(request, op))
         try:
-            yield _sse(chunks.first())
-            async for batch in self._jobs.follow(job_id):
-                out = []
-                for item in batch:
-                    if item.kind == "token":
-                        out.append(_sse(chunks.delta(item.data["text"])))
-                    elif item.kind == "result":
-                        usage = item.data.get("usage")
-                        out.append(_sse(chunks.last(item.data.get("finish_reason"), usage)))
-                    elif item.kind == "error":
-                        error = {"code": item.data["code"], "message": item.data["message"]}
-                        out.append(_sse({"error": error}))
-                    elif item.kind == "end":
-                        finished = True
-                if out:
-                    yield "".join(out)
-            yield "data: [DONE]\n\n"
+            return await asyncio.shield(submitting)
+        except asyncio.CancelledError:
+            submitting.add_done_callback(self._cancel_submitted)
+            raise
+
+    def _cancel_submitted(self, submitted: asyncio.Future[str]) -> None:
+        if not submitted.cancelled() and submitted.exception() is None:
+            self._jobs.cancel_soon(submitted.result())
+
+    async def _stream(self, job_id: str, chunks: _Chunks) -> AsyncIterator[str]:
+        yield _sse(chunks.first())
+        async for batch in self._jobs.follow(job_id):
+            out = []
+            for item in batch:
+                if item.kind == "token":
+                    out.append(_sse(chunks.delta(item.data["text"])))
+                elif item.kind == "result":
+                    usage = item.data.get("usage")
+                    out.append(_sse(chunks.last(item.data.get("finish_reason"), usage)))
+                elif item.kind == "error":
+                    error = {"code": item.data["code"], "message": item.data["message"]}
+                    out.append(_sse({"error": error}))
+            if out:
+                yield "".join(out)
+        yield "data: [DONE]\n\n"
+
+
+class _JobStreamResponse(StreamingResponse):
+    """A streamed job that is cancelled whenever the response ends before the job did.
+
+    A client that goes away ends the response in one of several places: in the body
+    iterator's await, in a ``send`` while the iterator sits at a ``yield`` (where no
+    ``finally`` of the iterator runs until it is garbage collected), or in the Serve
+    replica's request being cancelled. Only the response's own call sees all of them.
+    """
+
+    def __init__(
+        self, jobs: JobStream, job_id: str, body: AsyncIterator[str], headers: dict[str, str]
+    ) -> None:
+        super().__init__(self._through(body), media_type="text/event-stream", headers=headers)
+        self._jobs, self._job_id, self._body = jobs, job_id, body
+        self._ended = False
+
+    async def _through(self, body: AsyncIterator[str]) -> AsyncIterator[str]:
+        async for chunk in body:
+            yield chunk
+        self._ended = True  # the job's own end went out: nothing left to stop
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Starlette returns normally when it notices a disconnect: only ``_ended`` tells.
+        try:
+            await super().__call__(scope, receive, send)
         finally:
-            if not finished:
-                self._jobs.cancel_soon(job_id)
+            if not self._ended:
+                self._jobs.cancel_soon(self._job_id)
+            for iterator in (self.body_iterator, self._body):
+                aclose = getattr(iterator, "aclose", None)
+                if aclose is not None:
+                    await asyncio.shield(aclose())
 
 
 class _Chunks:
