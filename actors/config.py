@@ -44,7 +44,8 @@ class EngineConfig(_Section):
 
     device: Literal["auto", "cpu", "gpu"] = "auto"  #: auto: a GPU when the node has one free
     spawn_on_demand: bool = True  #: ``infer`` for a model with no worker starts one
-    max_model_len: int = Field(default=2048, ge=64)
+    #: None: the model's own context; a longer one than the model's is capped at the model's
+    max_model_len: int | None = Field(default=None, ge=64)
     max_num_seqs: int = Field(default=16, ge=1, le=1024)
     dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "auto"
     enforce_eager: bool = True

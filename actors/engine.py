@@ -9,10 +9,18 @@ job at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import stat
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from pydantic import ValidationError
 
 from actors.config import EngineConfig
 from actors.errors import InvalidRequest, ModelLoadFailed
@@ -20,10 +28,183 @@ from actors.events import Event, Narration, Result, Token
 from actors.operations import Infer
 from actors.running import Run, Runs
 
+log = logging.getLogger("rbee.engine")
+
 ACTOR = "worker"
 WARMUP_PROMPT = "Warm up the engine with a prompt of more than eight tokens, please."
 
 EngineFactory = Callable[[Path, EngineConfig], Awaitable[Any]]
+
+#: The keys of a ``config.json`` that give a model's context, as vLLM reads them.
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+    "max_target_positions",
+)
+#: Words in vLLM's refusal that mean the context does not fit (the KV cache, mostly).
+_CONTEXT_TROUBLE = (
+    "kv cache",
+    "cache blocks",
+    "max_model_len",
+    "max seq len",
+    "maximum model length",
+    "gpu_memory_utilization",
+    "out of memory",
+)
+_ENGINE_PROCESS_FAILED = "engine core initialization failed"
+_LOG_PREFIX = re.compile(r"^\(\S+ pid=\d+\) [A-Z]+ \S+ \S+ \[[^]]*\] ")
+
+
+def model_context_len(model_path: Path) -> int | None:
+    """The context length the model's ``config.json`` declares, or None to let vLLM decide.
+
+    Read as vLLM reads it: the smallest of ``CONTEXT_KEYS``, ``model_max_length`` over them
+    (Command-R), from the nested ``text_config`` of a multimodal model. None when the file
+    is missing or unreadable, names no length, or scales RoPE (the length then depends on
+    the scaling type, which vLLM knows best).
+    """
+    try:
+        config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    text = config.get("text_config")
+    section = text if isinstance(text, dict) else config
+    if _rope_scaled(config) or _rope_scaled(section):
+        return None
+    if (declared := _length(section.get("model_max_length"))) is not None:
+        return declared
+    lengths = [n for key in CONTEXT_KEYS if (n := _length(section.get(key))) is not None]
+    return min(lengths, default=None)
+
+
+def _rope_scaled(section: Mapping[str, Any]) -> bool:
+    for key in ("rope_scaling", "rope_parameters"):
+        params = section.get(key)
+        if not isinstance(params, dict):
+            continue
+        per_layer_type = [p for p in params.values() if isinstance(p, dict)]
+        for p in per_layer_type or [params]:
+            kind = p.get("rope_type", p.get("type"))
+            if (kind is None and "factor" in p) or kind not in (None, "default"):
+                return True
+    return False
+
+
+def _length(value: object) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not value.is_integer():
+        return None
+    return int(value) if value > 0 else None
+
+
+def fit_max_model_len(configured: int | None, own: int | None) -> int | None:
+    """The ``max_model_len`` to give vLLM: the configured one, capped at the model's own
+    context; None (vLLM takes the model's own) when nothing is configured."""
+    if configured is None or own is None:
+        return configured
+    return min(configured, own)
+
+
+def last_exception_line(output: str) -> str | None:
+    """The line naming the exception that ends the last traceback in ``output`` (a
+    process's stderr, or vLLM's log with its ``(EngineCore pid=…) ERROR … [file:line]``
+    prefixes), e.g. ``ValueError: To serve at least one request …``."""
+    lines = [_LOG_PREFIX.sub("", line.rstrip()) for line in output.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line == "Traceback (most recent call last):"]
+    if not starts:
+        return None
+    for line in lines[starts[-1] + 1 :]:
+        if line and not line[0].isspace():
+            return line[:1000]
+    return None
+
+
+def load_failure_message(
+    model: str, exc: BaseException, config: EngineConfig, own_len: int | None
+) -> str:
+    """Why ``model`` did not load: vLLM's own first line, the engine process's reason when
+    vLLM only says "see root cause above", and which of rbee's settings to change."""
+    said = [f"{type(exc).__name__}: {_headline(exc)}"]
+    said += [str(note) for note in getattr(exc, "__notes__", ())]
+    text = " ".join(said).lower()
+    unexplained = _ENGINE_PROCESS_FAILED in text and len(said) == 1
+    if unexplained:
+        said.append("vLLM's reason is in the worker's log")
+    if unexplained or any(word in text for word in _CONTEXT_TROUBLE):
+        said.append(_context_hint(config, own_len))
+    return "; ".join([f"{model}: {said[0]}", *said[1:]])
+
+
+def _context_hint(config: EngineConfig, own_len: int | None) -> str:
+    if config.max_model_len is not None:
+        now = f"now {config.max_model_len}"
+    else:
+        now = "now the model's own" + (f", {own_len}" if own_len else "")
+    return (
+        f"if the context does not fit, set a shorter engine.max_model_len ({now}) in rbee's "
+        f"config, or give the KV cache more memory: engine.kv_cache_gib on CPU "
+        f"(now {config.kv_cache_gib:g}), engine.gpu_memory_utilization on GPU "
+        f"(now {config.gpu_memory_utilization:g})"
+    )
+
+
+def _headline(exc: BaseException) -> str:
+    if isinstance(exc, ValidationError) and exc.errors():
+        text = str(exc.errors()[0]["msg"]).removeprefix("Value error, ")
+    else:
+        text = str(exc)
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+@contextlib.contextmanager
+def _engine_process_reason() -> Iterator[None]:
+    """Note on a failed start what vLLM's engine process said.
+
+    The engine core runs in a process of its own that shares this one's stderr; when it
+    dies while starting, the exception raised here only says "See root cause above", and
+    the root cause is the traceback it left on that stderr (a file, under Ray).
+    """
+    try:
+        stderr = os.fstat(2)
+    except OSError:
+        stderr = None
+    start = stderr.st_size if stderr is not None and stat.S_ISREG(stderr.st_mode) else None
+    try:
+        yield
+    except Exception as exc:
+        if start is not None and _ENGINE_PROCESS_FAILED in str(exc).lower():
+            if (reason := last_exception_line(_read_stderr_since(start))) is not None:
+                exc.add_note(f"the engine process said: {reason}")
+        raise
+
+
+def _read_stderr_since(start: int, limit: int = 1 << 18) -> str:
+    try:
+        with open("/proc/self/fd/2", "rb") as stderr:
+            end = stderr.seek(0, os.SEEK_END)
+            stderr.seek(max(start, end - limit))
+            return stderr.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def _refused_requests() -> Iterator[None]:
+    """vLLM's refusal of a request (a prompt longer than the context, …) is the caller's."""
+    from vllm.exceptions import VLLMClientError
+
+    try:
+        yield
+    except VLLMClientError as exc:
+        raise InvalidRequest(str(exc)) from exc
 
 
 async def vllm_engine(model_path: Path, config: EngineConfig) -> Any:
@@ -31,16 +212,19 @@ async def vllm_engine(model_path: Path, config: EngineConfig) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    # Unset: -1, vLLM's auto-fit: the model's own context if its KV cache fits in the memory
+    # the engine has, else the longest that does (never a load failure for a length rbee chose).
     args = AsyncEngineArgs(
         model=str(model_path),
         dtype=config.dtype,
         enforce_eager=config.enforce_eager,
-        max_model_len=config.max_model_len,
+        max_model_len=config.max_model_len if config.max_model_len is not None else -1,
         max_num_seqs=config.max_num_seqs,
         gpu_memory_utilization=config.gpu_memory_utilization,
         disable_log_stats=True,
     )
-    return await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+    with _engine_process_reason():
+        return await asyncio.to_thread(AsyncLLM.from_engine_args, args)
 
 
 class EngineWorker:
@@ -59,29 +243,48 @@ class EngineWorker:
         self._loading: asyncio.Future[Any] | None = None
         self._runs = Runs(clock=clock)
         self.served = 0
+        self.max_model_len: int | None = None  #: the engine's context, once loaded
+        self.max_model_len_capped_from: int | None = None  #: the configured one, if longer
 
     @property
     def loaded(self) -> bool:
         return self._engine is not None
 
     async def load(self, model_path: Path, config: EngineConfig) -> None:
-        """Start the engine and warm it up; a failure leaves nothing running.
+        """Start the engine and warm it up; a failure leaves nothing running and, when the
+        context is the trouble, names the setting to change.
+
+        A configured ``max_model_len`` longer than the model's context is capped at it.
 
         A cancel abandons the load at once; the engine being built is stopped by
         ``shutdown`` as soon as it exists (building it cannot be interrupted).
         """
+        own = model_context_len(model_path)
+        length = fit_max_model_len(config.max_model_len, own)
+        if length != config.max_model_len:
+            log.info(
+                "%s: engine.max_model_len %s is longer than the model's context; using its %s",
+                self.model,
+                config.max_model_len,
+                length,
+            )
+            self.max_model_len_capped_from = config.max_model_len
+            config = config.model_copy(update={"max_model_len": length})
         self._loading = asyncio.ensure_future(self._factory(model_path, config))
         try:
             engine = await asyncio.shield(self._loading)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            raise ModelLoadFailed(f"{self.model}: {type(exc).__name__}: {exc}") from exc
+            message = load_failure_message(self.model, exc, config, own)
+            raise ModelLoadFailed(message) from exc
         try:
             await self._warm_up(engine)
         except BaseException:
             engine.shutdown()
             raise
+        model_config = getattr(engine, "model_config", None)
+        self.max_model_len = getattr(model_config, "max_model_len", None) or length
         self._engine = engine
 
     async def _warm_up(self, engine: Any) -> None:
@@ -126,17 +329,18 @@ class EngineWorker:
         )
         index, pieces, finish, prompt_tokens = 0, [], None, 0
         try:
-            async for out in engine.generate(prompt, params, job_id):
-                if run.cancelled_at is not None:
-                    raise asyncio.CancelledError
-                completion = out.outputs[0]
-                prompt_tokens = len(out.prompt_token_ids or ())
-                if completion.token_ids:
-                    index += len(completion.token_ids)
-                    pieces.append(completion.text)
-                    self._runs.touch(run)
-                    yield Token(text=completion.text, index=index)
-                finish = completion.finish_reason or finish
+            with _refused_requests():
+                async for out in engine.generate(prompt, params, job_id):
+                    if run.cancelled_at is not None:
+                        raise asyncio.CancelledError
+                    completion = out.outputs[0]
+                    prompt_tokens = len(out.prompt_token_ids or ())
+                    if completion.token_ids:
+                        index += len(completion.token_ids)
+                        pieces.append(completion.text)
+                        self._runs.touch(run)
+                        yield Token(text=completion.text, index=index)
+                    finish = completion.finish_reason or finish
         except (asyncio.CancelledError, GeneratorExit):
             await asyncio.shield(engine.abort(job_id))
             raise
@@ -180,6 +384,8 @@ class EngineWorker:
             "running_jobs": len(self._runs),
             "unfinished_requests": engine.get_num_unfinished_requests() if engine else 0,
             "served": self.served,
+            "max_model_len": self.max_model_len,
+            "max_model_len_capped_from": self.max_model_len_capped_from,
         }
 
     async def shutdown(self) -> None:

@@ -22,8 +22,11 @@ _CORPUS = [
 ] * 20
 
 
-def build_tiny_llama(folder: Path, *, seed: int = 0) -> dict[str, bytes]:
-    """Write the model into ``folder`` and return its files (name → bytes)."""
+def build_tiny_llama(folder: Path, *, seed: int = 0, context_len: int = 2048) -> dict[str, bytes]:
+    """Write the model into ``folder`` and return its files (name → bytes).
+
+    ``context_len`` is its ``max_position_embeddings``: the longest sequence it takes.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -60,7 +63,7 @@ def build_tiny_llama(folder: Path, *, seed: int = 0) -> dict[str, bytes]:
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=32,
-        max_position_embeddings=2048,
+        max_position_embeddings=context_len,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
