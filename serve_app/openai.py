@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -17,6 +18,8 @@ from starlette.types import Receive, Scope, Send
 
 from actors.errors import InvalidRequest, RbeeError
 from serve_app.jobstream import JobStream
+
+log = logging.getLogger("rbee.openai")
 
 Kind = Literal["text_completion", "chat.completion"]
 
@@ -159,6 +162,7 @@ class _JobStreamResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             if not self._ended:
+                log.info("client of %s gone before the job ended: cancelling it", self._job_id)
                 self._jobs.cancel_soon(self._job_id)
             for iterator in (self.body_iterator, self._body):
                 aclose = getattr(iterator, "aclose", None)
