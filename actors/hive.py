@@ -1,5 +1,8 @@
 """``Hive``: one per Ray node (node-affinity scheduled). It owns the node's model catalog and
-its inference workers, and answers the catalog, worker and status operations as jobs."""
+its inference workers, and answers the catalog, worker and status operations as jobs.
+
+``hive_status`` (and ``preloads``, for ``/health``) tells how each ``preload`` model stands on
+this hive: ``loading``, ``ready``, ``failed`` or ``cancelled`` (with the error and the job)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import ray
 from actors import logs
 from actors.cache import Catalog
 from actors.config import Config
+from actors.embedded import LOCAL_ID, gguf_path
 from actors.events import Event, Narration, Result
 from actors.operations import (
     HiveStatus,
@@ -23,7 +27,7 @@ from actors.operations import (
     WorkerSpawn,
     WorkerStop,
 )
-from actors.running import Run, Runs
+from actors.running import Runs
 from actors.workers import WorkerPool
 
 ACTOR = "hive"
@@ -33,6 +37,7 @@ ACTOR = "hive"
 class Hive:
     def __init__(self, config: Config, hive_id: str, node_id: str) -> None:
         logs.configure()
+        self._config = config
         self._catalog = Catalog(config.cache_dir)
         self._hive_id = hive_id
         self._node_id = node_id
@@ -44,7 +49,7 @@ class Hive:
         self, job_id: str, op: Any, correlation_id: str | None = None
     ) -> AsyncIterator[Event]:
         async for event in self._runs.run(
-            job_id, lambda run: self._answer(run, op, correlation_id)
+            job_id, lambda run: self._answer(job_id, op, correlation_id)
         ):
             yield event
 
@@ -53,26 +58,37 @@ class Hive:
         return {}
 
     async def find_worker(self, model: str, worker_id: str | None = None) -> str | None:
-        return self._workers.find(model, worker_id)
+        """A ready worker for ``model``; a worker named by ``worker_id`` that is still
+        loading is waited for."""
+        if worker_id is not None:
+            return await self._workers.find_waiting(model, worker_id)
+        return self._workers.find(model)
 
     async def ensure_worker(self, model: str) -> str:
+        """A ready worker for ``model``: waits for one that is loading, else starts one."""
         return await self._workers.ensure(model)
 
+    async def preloads(self) -> dict[str, dict[str, Any]]:
+        """How each ``preload`` model this hive was asked to start stands (``/health``)."""
+        return self._preloads()
+
     async def models(self) -> list[str]:
-        """Models this hive can serve: those its workers run and those in its cache."""
+        """Models this hive can serve: those its workers run, those in its cache, and the
+        embedded one (converted when first asked for) when it is installed."""
         cached = await asyncio.to_thread(self._catalog.list)
         served = [w["model"] for w in self._workers.list()]
-        return sorted({*served, *(m["model"] for m in cached)})
+        embedded = [LOCAL_ID] if self._config.embedded and gguf_path() is not None else []
+        return sorted({*served, *(m["model"] for m in cached), *embedded})
 
     async def stop_workers(self) -> None:
         await self._workers.stop_all()
 
     async def _answer(
-        self, run: Run, op: Any, correlation_id: str | None
+        self, job_id: str, op: Any, correlation_id: str | None
     ) -> AsyncGenerator[Event, None]:
         if isinstance(op, WorkerSpawn):
             async for event in self._workers.spawn(
-                op.model, op.device, op.worker_id, correlation_id
+                op.model, op.device, op.worker_id, correlation_id, job_id
             ):
                 yield event
             return
@@ -120,4 +136,9 @@ class Hive:
             "cache_dir": str(self._catalog.cache_dir),
             "models": [m["model"] for m in self._catalog.list()],
             "workers": self._workers.list(),
+            "preload": self._preloads(),
         }
+
+    def _preloads(self) -> dict[str, dict[str, Any]]:
+        outcomes = {model: self._workers.outcome(model) for model in self._config.preload}
+        return {model: outcome for model, outcome in outcomes.items() if outcome is not None}

@@ -80,6 +80,12 @@ class RayBackend:
         found = await asyncio.gather(*(h.models.remote() for h in hives))
         return sorted({m for models in found for m in models})
 
+    async def preloads(self) -> dict[str, dict[str, Any]]:
+        """How every alive hive's preloads stand, by model."""
+        hives = [self._hive(hive_id_of(n["NodeID"])) for n in self._alive()]
+        found = await asyncio.gather(*(h.preloads.remote() for h in hives))
+        return {model: state for each in found for model, state in each.items()}
+
     async def _worker_for(self, op: Infer) -> str | None:
         """A ready worker for the model: on the asked hive, else on any alive hive."""
         hive_ids = [op.hive_id] if op.hive_id else [hive_id_of(n["NodeID"]) for n in self._alive()]

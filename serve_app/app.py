@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -34,6 +35,7 @@ _BEARER = re.compile(r"[ \t]*bearer[ \t]+([^ \t]+)[ \t]*", re.IGNORECASE | re.AS
 _COUNT = re.compile(r"[0-9]{1,18}")
 
 Handler = Callable[[Request], Awaitable[Response]]
+_HEALTH_DETAIL_S = 1.0
 
 
 class Api:
@@ -75,8 +77,17 @@ class Api:
         return guarded
 
     async def health(self, request: Request) -> Response:
+        """200 once jobs can be taken; how the preloads stand rides along, never holding it up
+        (a preload that failed is reported here and the server keeps serving)."""
         await remote(self.registry.ready.remote())
-        return JSONResponse({"status": "ok"})
+        body: dict[str, Any] = {"status": "ok"}
+        try:
+            body["preload"] = await asyncio.wait_for(
+                remote(self.registry.preloads.remote()), _HEALTH_DETAIL_S
+            )
+        except Exception as exc:  # a hive busy or gone: health stays about taking jobs
+            log.info("health: preload states unavailable: %r", exc)
+        return JSONResponse(body)
 
     async def submit(self, request: Request) -> Response:
         job_id = await self.jobs.submit(request, await self.jobs.read_json(request))

@@ -8,10 +8,14 @@ running job cancels it on the server and exits 130; a second Ctrl+C exits at onc
 
 from __future__ import annotations
 
+import logging
+import os
 import queue
 import signal
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -170,26 +174,66 @@ def serve(
         Path | None, typer.Option(help="A YAML config file (else RBEE_CONFIG).")
     ] = None,
 ) -> None:
-    """Start (or join) Ray, deploy the hive and its HTTP API, and block until Ctrl+C."""
+    """Start (or join) Ray, deploy the hive and its HTTP API, and block until Ctrl+C.
+
+    Ctrl+C or SIGTERM (to this process or its whole group) cancels the running jobs, stops
+    every engine and Ray, and exits within 15 s. Preloads load in the background.
+    """
     from serve_app.launch import Hive
 
     overrides: dict[str, Any] = {
         k: v for k, v in {"server__host": host, "server__port": port}.items() if v is not None
     }
-    stop = threading.Event()
+    try:
+        with _stopped_by_signals(), Hive.start(
+            config_path=config, address=address, **overrides
+        ) as hive:
+            console.print(f"[bold green]rbee[/] is serving on {hive.url}  (Ctrl+C to stop)")
+            if hive.dashboard_url:
+                console.print(f"Ray dashboard: {hive.dashboard_url}")
+            for model, job_id in hive.preloads.items():
+                console.print(f"preloading {model} (job {job_id})", highlight=False)
+            threading.Event().wait()
+    except KeyboardInterrupt:
+        _exit_now(0)
+    except Exception:
+        traceback.print_exc()
+        _exit_now(1)
 
-    def stop_on_signals() -> None:
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
 
-    stop_on_signals()
-    with Hive.start(config_path=config, address=address, **overrides) as hive:
-        stop_on_signals()  # ray.init put in a SIGTERM handler that exits without cleaning up
-        console.print(f"[bold green]rbee[/] is serving on {hive.url}  (Ctrl+C to stop)")
-        if hive.dashboard_url:
-            console.print(f"Ray dashboard: {hive.dashboard_url}")
-        stop.wait()
-        console.print("shutting down ...")
+@contextmanager
+def _stopped_by_signals() -> Iterator[None]:
+    """The first SIGINT or SIGTERM unwinds ``rbee serve`` into its shutdown, as Ctrl+C does
+    (Ray's own SIGTERM handler would exit without cleaning up); later ones only say that
+    the shutdown, which is bounded, is under way."""
+
+    def again(signum: int, frame: object) -> None:
+        os.write(2, b"rbee is already shutting down (15 s at most) ...\n")
+
+    def first(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, again)
+        signal.signal(signal.SIGTERM, again)
+        os.write(2, b"shutting down ...\n")
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, first)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Exit without Python's shutdown, which would wait on Ray: when Ray's processes died
+    first (a signal to the whole group), a call into it may hang in a thread, and so would
+    Ray's exit hook. Everything rbee started is stopped by now."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @model_app.command("download")
@@ -324,8 +368,31 @@ def worker_stop(
 
 @hive_app.command("status")
 def hive_status(ctx: typer.Context, hive: HiveId = None, as_json: Json = False) -> None:
-    """A hive's CPUs, GPUs, memory, cache, models and workers."""
-    _query(ctx, operation("hive_status", hive_id=hive), as_json, render.key_values)
+    """A hive's CPUs, GPUs, memory, cache, models, workers and how its preloads went."""
+    _query(ctx, operation("hive_status", hive_id=hive), as_json, _show_hive_status)
+
+
+def _show_hive_status(result: dict[str, Any]) -> None:
+    """The hive's figures, then a table of its workers and one of its preloads (a failed or
+    cancelled one says why)."""
+    render.key_values({k: v for k, v in result.items() if k not in ("workers", "preload")})
+    render.workers(result)
+    preloads = result.get("preload") or {}
+    render.rows(
+        [
+            {
+                "preload": model,
+                "state": p.get("state"),
+                "worker_id": p.get("worker_id"),
+                "job_id": p.get("job_id"),
+                "error": f"{p['error'].get('code')}: {p['error'].get('message')}"
+                if p.get("error")
+                else None,
+            }
+            for model, p in preloads.items()
+        ],
+        "no preloads",
+    )
 
 
 @hive_app.command("list")

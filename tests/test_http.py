@@ -19,7 +19,7 @@ from tests.helpers import job, read_sse, submit, wait_state
 def test_health(api):
     response = api.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": "ok", "preload": {}}  # this hive preloads nothing
 
 
 def test_correlation_id_is_echoed_or_generated(api):

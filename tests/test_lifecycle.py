@@ -1,0 +1,268 @@
+"""``rbee serve`` as an operator runs it: a real process in a session of its own, with its own
+Ray. Start-up never waits for a preload; a failed or cancelled preload leaves the server
+serving; a request waits for a worker that is loading; SIGTERM (to the process or to its
+whole group, as systemd sends it) cancels and records the running jobs and ends every process
+within 15 s, leaving no shared memory behind.
+
+Each test starts a Ray of its own (~15 s): they are few. They only ever signal the processes
+they started, found by the server's session id and process tree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from actors.cache import RepoLayout
+from actors.core import JobState
+from actors.store import JobStore
+from tests.conftest import free_port
+from tests.helpers import submit, wait_for, wait_state
+
+RBEE = str(Path(sys.executable).parent / "rbee")
+TINY = "test/tiny-llama"
+SHUTDOWN_S = 15.0
+
+
+@dataclass
+class Served:
+    process: subprocess.Popen[bytes]
+    url: str
+    state_dir: Path
+    log: Path
+
+    def processes(self) -> dict[int, float]:
+        """The server's processes: its session (its group, and Ray's workers, which have
+        groups of their own) and everything under it. pid -> start time."""
+        found: dict[int, float] = {}
+        for proc in psutil.process_iter(["pid", "create_time"]):
+            try:
+                if os.getsid(proc.pid) == self.process.pid:
+                    found[proc.pid] = proc.info["create_time"]
+            except OSError:
+                continue
+        try:
+            for child in psutil.Process(self.process.pid).children(recursive=True):
+                found[child.pid] = child.create_time()
+        except psutil.Error:
+            pass
+        return found
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _alive(processes: dict[int, float]) -> list[int]:
+    alive = []
+    for pid, started in processes.items():
+        try:
+            proc = psutil.Process(pid)
+            if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.Error:
+            continue
+    return alive
+
+
+def _shared_memory(processes: dict[int, float]) -> set[Path]:
+    """The /dev/shm files these processes map."""
+    found: set[Path] = set()
+    for pid in _alive(processes):
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+                for line in maps:
+                    if "/dev/shm/" in line and not line.rstrip().endswith("(deleted)"):
+                        found.add(Path(line.split(maxsplit=5)[5].rstrip("\n")))
+        except OSError:
+            continue
+    return found
+
+
+@contextmanager
+def serving(tmp_path: Path, cache_dir: Path | None = None, **config: Any) -> Iterator[Served]:
+    """``rbee serve`` in a new session, with a temp state dir, cache and Ray dir."""
+    port = free_port()
+    config_file = tmp_path / "rbee.yaml"
+    config_file.write_text(yaml.safe_dump({"embedded": False, "preload": [], **config}))
+    ray_dir = Path(tempfile.mkdtemp(prefix="rbee-ray-", dir="/tmp"))  # short: Ray's sockets
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RBEE_", "RAY_"))},
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": str(ray_dir),
+        "RBEE_CONFIG": str(config_file),
+        "RBEE_STATE_DIR": str(tmp_path / "state"),
+        "RBEE_CACHE_DIR": str(cache_dir or tmp_path / "cache"),
+    }
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [RBEE, "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    served = Served(process, f"http://127.0.0.1:{port}", tmp_path / "state", log)
+    seen: dict[int, float] = {}
+    try:
+
+        def healthy() -> bool:
+            assert process.poll() is None, served.output()
+            seen.update(served.processes())
+            try:
+                return httpx.get(f"{served.url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout=180, interval=0.5)
+        yield served
+    finally:
+        seen.update(served.processes())
+        for pid in _alive(seen):  # only what this test started
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        process.wait(timeout=30)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def _stop(served: Served, *, to_group: bool) -> set[Path]:
+    """SIGTERM the server (or its whole group); every one of its processes must be gone
+    within 15 s and the shared memory they mapped removed. Returns those segments."""
+    processes = served.processes()
+    segments = _shared_memory(processes)
+    assert len(processes) > 5, "Ray's daemons and workers should be running"
+    started = time.monotonic()
+    if to_group:
+        os.killpg(served.process.pid, signal.SIGTERM)
+    else:
+        served.process.send_signal(signal.SIGTERM)
+    try:
+        wait_for(lambda: not _alive(processes), timeout=SHUTDOWN_S, interval=0.1)
+    except AssertionError:
+        left = [psutil.Process(p).cmdline()[:2] for p in _alive(processes)]
+        raise AssertionError(f"still running after {SHUTDOWN_S}s: {left}\n{served.output()}") from None
+    assert time.monotonic() - started < SHUTDOWN_S
+    assert served.process.wait(timeout=1) == 0, served.output()
+    assert [s for s in segments if s.exists()] == [], served.output()
+    return segments
+
+
+def _hub_that_never_answers() -> socket.socket:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    return listener
+
+
+@pytest.mark.parametrize("to_group", [True, False], ids=["group", "process"])
+def test_sigterm_cancels_and_records_the_jobs_and_ends_every_process(tmp_path, to_group):
+    with _hub_that_never_answers() as hub:
+        endpoint = f"http://127.0.0.1:{hub.getsockname()[1]}"
+        with serving(tmp_path, hub={"endpoint": endpoint}) as served, httpx.Client(
+            base_url=served.url, timeout=30
+        ) as api:
+            done = submit(api, {"operation": "hive_list"})
+            wait_state(api, done, "completed")
+            stuck = submit(api, {"operation": "model_download", "model": "org/stuck"})
+            wait_state(api, stuck, "running")
+            _stop(served, to_group=to_group)
+
+    back = {saved["job_id"]: saved for saved, _ in JobStore(served.state_dir).load()}
+    assert back[done]["state"] == JobState.COMPLETED
+    assert back[stuck]["state"] == JobState.CANCELLED, back[stuck]
+    assert "shutting down" in served.output()
+
+
+def _cache_tiny_llama(cache_dir: Path, build_dir: Path) -> None:
+    """The tiny test Llama, written into the cache as a download would leave it."""
+    from tests.tinymodel import build_tiny_llama
+
+    layout = RepoLayout.of(cache_dir, TINY)
+    commit = hashlib.sha1(TINY.encode()).hexdigest()
+    for path, data in build_tiny_llama(build_dir).items():
+        etag = hashlib.sha256(data).hexdigest()
+        layout.blob(etag).parent.mkdir(parents=True, exist_ok=True)
+        layout.blob(etag).write_bytes(data)
+        layout.link(commit, path, etag)
+    layout.write_ref("main", commit)
+
+
+def _result(api: httpx.Client, op: dict[str, Any]) -> dict[str, Any]:
+    return dict(wait_state(api, submit(api, op), "completed")["result"])
+
+
+def test_a_failed_or_cancelled_preload_leaves_the_server_serving(tmp_path):
+    pytest.importorskip("vllm")
+    cache = tmp_path / "cache"
+    _cache_tiny_llama(cache, tmp_path / "tiny")
+    with serving(tmp_path, cache, preload=["nobody/missing", TINY]) as served, httpx.Client(
+        base_url=served.url, timeout=30
+    ) as api:
+
+        def preload() -> dict[str, Any]:
+            return dict(_result(api, {"operation": "hive_status"})["preload"])
+
+        # Start-up did not wait: the tiny model is still loading, the missing one failed.
+        status = wait_for(
+            lambda: (p := preload()).keys() == {"nobody/missing", TINY} and p, interval=0.5
+        )
+        assert status[TINY]["state"] == "loading", status
+        cancel = api.post(f"/v1/jobs/{status[TINY]['job_id']}/cancel")
+        assert cancel.status_code == 202
+        wait_state(api, status[TINY]["job_id"], "cancelled")
+        status = wait_for(
+            lambda: (p := preload())["nobody/missing"]["state"] == "failed" and p, interval=0.5
+        )
+        assert status["nobody/missing"]["error"]["code"] == "MODEL_NOT_FOUND"
+        assert status[TINY]["state"] == "cancelled"
+        health = api.get("/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        reported = health.json()["preload"]  # the failure is reported, the server serves on
+        assert reported["nobody/missing"]["state"] == "failed"
+        assert reported["nobody/missing"]["error"]["code"] == "MODEL_NOT_FOUND"
+        assert reported[TINY]["state"] == "cancelled"
+        assert _result(api, {"operation": "hive_list"})["hives"]
+        logged = ("preloading nobody/missing failed", f"preloading {TINY} was cancelled")
+        wait_for(lambda: all(line in served.output() for line in logged), timeout=10)
+
+        # A request for a model whose worker is loading waits for that worker.
+        spawn = submit(api, {"operation": "worker_spawn", "model": TINY, "worker_id": "w-first"})
+
+        def loading() -> bool:
+            workers = _result(api, {"operation": "worker_list"})["workers"]
+            return [(w["worker_id"], w["state"]) for w in workers] == [("w-first", "loading")]
+
+        wait_for(loading, timeout=60, interval=0.2)
+        op = {"operation": "infer", "model": TINY, "prompt": "The capital", "max_tokens": 4}
+        infer = wait_state(api, submit(api, op), "completed", "failed", timeout=300)
+        assert infer["state"] == "completed", infer
+        assert infer["result"]["worker_id"] == "w-first"
+        assert wait_state(api, spawn, "completed")["result"]["worker_id"] == "w-first"
+        assert [w["worker_id"] for w in _result(api, {"operation": "worker_list"})["workers"]] == [
+            "w-first"
+        ]
+        assert preload()[TINY]["state"] == "ready"
+
+        # A group SIGTERM kills the raylet under a live engine: its processes and its shared
+        # memory must go all the same.
+        segments = _stop(served, to_group=True)
+        assert any(s.name.startswith("psm_") for s in segments), "vLLM mapped no psm_ segment"
