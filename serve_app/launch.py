@@ -362,7 +362,7 @@ class _Leftovers:
                 todo.extend(child for child in tree.get(pid, ()) if child not in self._seen)
             alive = [pid for pid in self._seen if self._alive(pid)]
         for pid in alive:
-            self._segments.update(_shared_memory(pid))
+            self._segments.update(shared_memory(pid))
 
     def _adopt(self) -> None:
         with self._lock:
@@ -408,7 +408,7 @@ def _children(pid: int) -> set[int]:
     return set(_process_tree().get(pid, ()))
 
 
-def _shared_memory(pid: int) -> set[Path]:
+def shared_memory(pid: int) -> set[Path]:
     """The ``/dev/shm`` files a process maps (not those already removed)."""
     found: set[Path] = set()
     try:

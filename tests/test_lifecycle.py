@@ -33,6 +33,7 @@ import yaml
 from actors.cache import RepoLayout
 from actors.core import JobState
 from actors.store import JobStore
+from serve_app.launch import shared_memory
 from tests.conftest import free_port
 from tests.helpers import submit, wait_for, wait_state
 
@@ -83,16 +84,7 @@ def _alive(processes: dict[int, float]) -> list[int]:
 
 def _shared_memory(processes: dict[int, float]) -> set[Path]:
     """The /dev/shm files these processes map."""
-    found: set[Path] = set()
-    for pid in _alive(processes):
-        try:
-            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-                for line in maps:
-                    if "/dev/shm/" in line and not line.rstrip().endswith("(deleted)"):
-                        found.add(Path(line.split(maxsplit=5)[5].rstrip("\n")))
-        except OSError:
-            continue
-    return found
+    return {path for pid in _alive(processes) for path in shared_memory(pid)}
 
 
 @contextmanager
