@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -63,6 +64,10 @@ class InferenceActor:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
         }
+
+    async def alive(self) -> None:
+        """Never returns: the hive awaits it, so the actor's death reaches the hive at once."""
+        await asyncio.Event().wait()
 
     async def stats(self) -> dict[str, Any]:
         return self.describe()

@@ -32,6 +32,7 @@ from actors.errors import (
     ModelNotFound,
     NotFound,
     RbeeError,
+    WorkerDied,
     rbee_cause,
 )
 from actors.events import Event, Narration, Result
@@ -107,6 +108,7 @@ class WorkerPool:
         self._outcomes: dict[str, Outcome] = {}
         self._converting: asyncio.Future[str | None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._watchers: set[asyncio.Task[None]] = set()  #: one per ready worker, till it dies
 
     def list(self) -> list[dict[str, Any]]:
         return [w.describe() for w in self._workers.values()]
@@ -230,7 +232,25 @@ class WorkerPool:
             worker.loading = None
         worker.ready = True
         self._note(worker, "ready")
+        self._watch(worker)
         return worker
+
+    def _watch(self, worker: Worker) -> None:
+        """Forget ``worker`` the moment its actor dies (``kill -9``, a crashed engine), so it
+        leaves ``worker_list``, its GPU counts as free and the next ``infer`` gets a new one."""
+
+        async def watch() -> None:
+            try:
+                await worker.actor.alive.remote()
+            except Exception as exc:  # RayActorError: the actor is gone
+                if self._workers.get(worker.worker_id) is worker:
+                    del self._workers[worker.worker_id]
+                    log.warning("worker %s (%s) died: %s", worker.worker_id, worker.model, exc)
+                    self._note(worker, "failed", WorkerDied(f"worker {worker.worker_id} died"))
+
+        task = asyncio.create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
 
     async def _model_path(self, model: str) -> Path:
         """The snapshot to load; the embedded model is converted first if it is not yet."""

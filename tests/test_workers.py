@@ -66,3 +66,41 @@ def test_a_cancel_during_model_load_abandons_it_and_frees_the_worker(api, worker
     assert wait_state(api, job_id, "cancelled")["state"] == "cancelled"
     assert "w-abandon" not in [w["worker_id"] for w in _workers(api)]
     wait_for(lambda: _gone(worker_name("w-abandon")), timeout=120, interval=0.5)
+
+
+def test_a_killed_worker_fails_its_job_leaves_the_pool_and_frees_its_gpu(api, worker, tiny_model):
+    """kill -9 of an InferenceActor mid-generation: the job fails WORKER_DIED (retriable) and
+    its stream ends [ERROR]; within 5 s the worker leaves worker_list and its GPU is free for a
+    new one; the next infer works."""
+    import os
+    import signal
+
+    spawn = {"operation": "worker_spawn", "model": tiny_model, "device": "gpu", "worker_id": "w-doomed"}
+    spawned = read_sse(api, f"/v1/jobs/{submit(api, spawn)}/stream", deadline_s=300)
+    assert spawned.sentinel == "[DONE]", spawned.events
+    pid = spawned.of("result")[0]["pid"]
+    op = {"operation": "infer", "model": tiny_model, "worker_id": "w-doomed", "ignore_eos": True,
+          "prompt": "Once upon a time there was a hive of bees", "max_tokens": 1500}  # fmt: skip
+    job_id = submit(api, op)
+    read_sse(api, f"/v1/jobs/{job_id}/stream", on_event=lambda e: e["event"] == "token")
+    os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+
+    stream = read_sse(api, f"/v1/jobs/{job_id}/stream", deadline_s=30)
+    assert stream.sentinel is not None and stream.sentinel.startswith("[ERROR]")
+    error = stream.of("error")[-1]
+    assert error["code"] == "WORKER_DIED" and error["retriable"] is True
+    assert wait_state(api, job_id, "failed")["error"]["code"] == "WORKER_DIED"
+    wait_for(lambda: all(w["worker_id"] != "w-doomed" for w in _workers(api)), timeout=5)
+    assert time.monotonic() - killed < 5
+
+    # Its GPU is free again: a new GPU worker fits beside the session's, and serves.
+    spawn = {**spawn, "worker_id": "w-reborn"}
+    reborn = read_sse(api, f"/v1/jobs/{submit(api, spawn)}/stream", deadline_s=300)
+    assert reborn.sentinel == "[DONE]", reborn.events
+    try:
+        again = {**op, "worker_id": "w-reborn", "max_tokens": 8}
+        assert wait_state(api, submit(api, again), "completed", timeout=60)["result"]["worker_id"] == "w-reborn"
+    finally:
+        stop = submit(api, {"operation": "worker_stop", "worker_id": "w-reborn"})
+        wait_state(api, stop, "completed", timeout=60)
