@@ -539,6 +539,12 @@ def _declared_length(url: str, resp: httpx.Response) -> int | None:
     encoding = resp.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise BadHubAnswer(f"{_where(url)} sent a {encoding!r}-encoded body; identity was asked")
+    return content_length(url, resp)
+
+
+def content_length(url: str, resp: httpx.Response) -> int | None:
+    """The ``Content-Length`` a server sent, None if it sent none; ``BadHubAnswer`` if it is
+    not a plain number of sane size."""
     raw = resp.headers.get("content-length")
     if raw is None:
         return None

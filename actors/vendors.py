@@ -41,7 +41,7 @@ from actors.cache import RepoLayout, check_commit, check_etag, is_commit
 from actors.config import DownloadConfig
 from actors.errors import BadHubAnswer, DownloadFailed, InvalidRequest, ModelNotFound, UnsafePath
 from actors.operations import ModelDownload, check_relative_path
-from actors.transfer import FileSpec, transport_errors
+from actors.transfer import FileSpec, content_length, transport_errors
 
 T = TypeVar("T")
 
@@ -331,7 +331,7 @@ class UrlVendor:
             raise DownloadFailed(
                 f"{op.url}: HTTP {head.status_code}", retriable=head.status_code >= 500
             )
-        size = _length(head)
+        size = content_length(str(head.url), head)
         if size is None and self._max_bytes is None:
             raise DownloadFailed(
                 f"{op.url} does not say how long it is; set downloads.url_max_bytes to take "
@@ -355,11 +355,3 @@ class UrlVendor:
         )
         return DownloadPlan(op.model, op.revision, commit, layout, (PlannedFile(name, etag, spec),))
 
-
-def _length(head: httpx.Response) -> int | None:
-    raw = head.headers.get("content-length")
-    if raw is None:
-        return None
-    if not raw.strip().isdigit() or not raw.isascii() or len(raw.strip()) > 18:
-        raise BadHubAnswer(f"{head.url} sent Content-Length {raw[:40]!r}")
-    return int(raw)
