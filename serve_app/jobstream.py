@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import json
+import logging
 import math
 import re
 import uuid
@@ -10,14 +13,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from ray.exceptions import RayError, TaskCancelledError
 from starlette.requests import Request
 
 from actors.config import Config
 from actors.core import JobState
 from actors.errors import BodyTooLarge, MalformedBody, RbeeError, error_class, rbee_cause
 
+log = logging.getLogger("rbee.jobstream")
+
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 _PAGE = 1000
+_CANCEL_ATTEMPTS = 10
 
 MAX_JSON_DEPTH = 64
 """The deepest nesting of arrays and objects a body may have (SPEC §7)."""
@@ -52,6 +59,7 @@ class JobStream:
     def __init__(self, config: Config, registry: Any) -> None:
         self.config = config
         self.registry = registry
+        self._delivering: set[asyncio.Task[None]] = set()
 
     async def read_json(self, request: Request) -> Any:
         """The body as strict JSON (``parse_json``), refusing bodies over the limit before
@@ -108,8 +116,31 @@ class JobStream:
         return result
 
     def cancel_soon(self, job_id: str, cid: str | None = None) -> None:
-        """Ask for a cancel without waiting (safe inside cleanup of a cancelled task)."""
-        self.registry.request_cancel.remote(job_id, cid)
+        """Ask for a cancel without waiting (safe inside cleanup of a cancelled task).
+
+        Ray cancels the calls a request made along with the request (``ray.cancel`` is
+        recursive): a cancel sent from the cleanup of a request Serve is cancelling can be
+        dropped before it runs. So the call is made from a task of its own, outside the
+        request's context, and made again until the registry has it.
+        """
+        task = asyncio.get_running_loop().create_task(
+            self._deliver_cancel(job_id, cid), context=contextvars.Context()
+        )
+        self._delivering.add(task)
+        task.add_done_callback(self._delivering.discard)
+
+    async def _deliver_cancel(self, job_id: str, cid: str | None) -> None:
+        for _ in range(_CANCEL_ATTEMPTS):
+            ref = self.registry.request_cancel.remote(job_id, cid)
+            try:
+                await ref
+                return
+            except TaskCancelledError:
+                log.warning("the cancel of %s was dropped by Ray: sending it again", job_id)
+            except RayError as exc:  # the registry is gone: a restart ends the job anyway
+                log.warning("could not cancel %s: %r", job_id, exc)
+                return
+        log.error("the cancel of %s was dropped %d times", job_id, _CANCEL_ATTEMPTS)
 
     async def models(self) -> list[str]:
         return list(await remote(self.registry.models.remote()))

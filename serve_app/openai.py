@@ -35,6 +35,7 @@ class _Request(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool = False
+    ignore_eos: bool = False  # vLLM's extra field: go on past end-of-text
     n: int = Field(default=1, ge=1, le=1)
 
 
@@ -90,6 +91,7 @@ class OpenAi:
             "top_p": body.top_p,
             "seed": body.seed,
             "stop": stop,
+            "ignore_eos": body.ignore_eos or None,
             **what,
         }
         job_id = await self._submit(request, {k: v for k, v in op.items() if v is not None})
@@ -97,12 +99,39 @@ class OpenAi:
         chunks = _Chunks(kind, job_id, body.model)
         if body.stream:
             return _JobStreamResponse(self._jobs, job_id, self._stream(job_id, chunks), headers)
-        try:
-            result = await self._jobs.result(job_id)
-        except asyncio.CancelledError:
-            self._jobs.cancel_soon(job_id)  # the client went away: stop generating for it
-            raise
+        result = await self._result_while_connected(request, job_id)
+        if result is None:
+            return Response(status_code=499)  # nobody is left to read it
         return JSONResponse(chunks.whole(result), headers=headers)
+
+    async def _result_while_connected(self, request: Request, job_id: str) -> Any:
+        """The job's result, or None once the client has gone; the job is cancelled on any
+        way out but its own end.
+
+        Serve cancels a request whose client left, and Ray then cancels the calls the
+        request had made, but a cancel can also miss the app: so the app watches its own
+        ``receive`` for the disconnect too, as a streamed response does.
+        """
+        result = asyncio.ensure_future(self._jobs.result(job_id))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        ended = False
+        try:
+            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not result.done():
+                log.info("client of %s gone before the job ended: cancelling it", job_id)
+                return None
+            try:
+                value = result.result()
+            except RbeeError:
+                ended = True  # the job's own error: it has ended
+                raise
+            ended = True
+            return value
+        finally:
+            gone.cancel()
+            result.cancel()
+            if not ended:
+                self._jobs.cancel_soon(job_id)
 
     async def _submit(self, request: Request, op: dict[str, Any]) -> str:
         """Submit the job; a client gone before its id came back still gets it cancelled."""
@@ -213,6 +242,11 @@ class _Chunks:
             "id": self.id, "object": self.kind, "created": self.created, "model": self.model,
             "choices": [{"index": 0, **choice}], "usage": result.get("usage"),
         }  # fmt: skip
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 def _sse(obj: dict[str, Any]) -> str:

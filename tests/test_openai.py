@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.helpers import job, wait_for, wait_state
+
+TERMINAL = {"completed", "failed", "cancelled"}
 
 pytest.importorskip("vllm")
 
@@ -113,3 +117,52 @@ def test_bad_openai_requests(api, worker, path, body, status):
     response = api.post(path, json=body)
     assert response.status_code == status
     assert response.json()["error"]["code"]
+
+
+def test_sixty_official_clients_that_go_away_all_abort(api, hive, worker):
+    """The official ``openai`` client, 10 at a time: 50 streams dropped after 1 to 8 chunks
+    and 10 whole-answer requests given up after 0.3 s. Every job ends ``cancelled`` and the
+    engine has nothing left to generate."""
+    openai = pytest.importorskip("openai")
+
+    client = openai.OpenAI(base_url=f"{hive.url}/v1", api_key="none", max_retries=0, timeout=30)
+    impatient = client.with_options(timeout=0.3)
+    messages = [{"role": "user", "content": "Tell me a very long story about a hive."}]
+    common = {"model": worker["model"], "max_tokens": 1500, "extra_body": {"ignore_eos": True}}
+
+    def go_away(i: int) -> str | None:
+        if i % 6 == 5:
+            with pytest.raises(openai.APITimeoutError):
+                impatient.completions.create(prompt="Once upon a time", **common)
+            return None
+        if i % 2:
+            stream = client.chat.completions.create(messages=messages, stream=True, **common)
+        else:
+            stream = client.completions.create(prompt="Once upon a time", stream=True, **common)
+        for n, _chunk in enumerate(stream, start=1):
+            if n >= i % 8 + 1:
+                break
+        stream.close()
+        return str(stream.response.headers["x-job-id"])
+
+    started = time.time()
+    with ThreadPoolExecutor(10) as pool:
+        streamed = [job_id for job_id in pool.map(go_away, range(60)) if job_id]
+    assert len(streamed) == 50
+
+    def all_ended() -> list[dict] | None:
+        listed = api.get("/v1/jobs", params={"operation": "infer", "limit": 500}).json()["jobs"]
+        mine = [j for j in listed if j["created_at"] >= started]
+        return mine if all(j["state"] in TERMINAL for j in mine) else None
+
+    mine = wait_for(all_ended, timeout=60)
+    assert len(mine) == 60 and set(streamed) <= {j["job_id"] for j in mine}
+    ran_on = [j["job_id"] for j in mine if j["state"] != "cancelled"]
+    assert ran_on == [], f"{len(ran_on)} of 60 generations ran on after their client left: {ran_on}"
+
+    def idle() -> bool:
+        listed = wait_state(api, api.post("/v1/jobs", json={"operation": "worker_list"}).json()["job_id"], "completed")
+        mine = [w for w in listed["result"]["workers"] if w["worker_id"] == worker["worker_id"]]
+        return bool(mine[0]["unfinished_requests"] == 0)
+
+    wait_for(idle, timeout=10)
