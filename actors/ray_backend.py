@@ -7,6 +7,7 @@ cooperative flag (the actor's ``cancel``), which also waits for the actor's clea
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,11 +18,14 @@ from ray.exceptions import RayActorError
 from actors.core import JobRecord
 from actors.errors import InvalidRequest, WorkerDied
 from actors.events import Event, Narration, Result
-from actors.naming import NAMESPACE, download_name, hive_id_of, hive_name
+from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.operations import HiveList, Infer, ModelDownload
+
+log = logging.getLogger("rbee.backend")
 
 ACTOR = "registry"
 _NODES_TTL_S = 5.0
+_ORPHANS_BOUND_S = 60.0
 
 
 class RayBackend:
@@ -74,6 +78,38 @@ class RayBackend:
         ray.cancel(generator)
         result: dict[str, Any] = await confirmed
         return result
+
+    async def stop_orphans(self, job_ids: list[str]) -> None:
+        """Stop the work of jobs a registry restart ended, wherever it still runs: the calls
+        a dead registry made live on in the actors doing them, writing and generating for
+        jobs that are over. Every rbee actor is asked to cancel each of them (an actor that
+        does not run one remembers the cancel in case its call still comes)."""
+        if not job_ids:
+            return
+        named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+        names = [a["name"] for a in named if a["namespace"] == NAMESPACE and a["name"] != REGISTRY]
+        now = time.time()
+        calls = []
+        for name in names:
+            try:
+                actor = self._actor(name)
+            except InvalidRequest:  # gone since it was listed
+                continue
+            calls += [actor.cancel.remote(job_id, now) for job_id in job_ids]
+        log.warning(
+            "stopping %d job(s) the registry restart ended, on %d actor(s)",
+            len(job_ids),
+            len(names),
+        )
+        try:
+            async with asyncio.timeout(_ORPHANS_BOUND_S):
+                done = await asyncio.gather(*calls, return_exceptions=True)
+        except TimeoutError:
+            log.error("the orphaned jobs %s were not all stopped in time", job_ids)
+            return
+        failed = [r for r in done if isinstance(r, BaseException)]
+        if failed:
+            log.warning("%d orphan cancel(s) failed; the first: %r", len(failed), failed[0])
 
     async def models(self) -> list[str]:
         hives = [self._hive(hive_id_of(n["NodeID"])) for n in self._alive()]

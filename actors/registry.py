@@ -42,6 +42,13 @@ class JobRegistry:
             cleanup_s=config.cancel_cleanup_s,
             on_terminal=self._terminal,
         )
+        if self._store.interrupted:  # __init__ runs in the actor's event loop
+            self._spawn(self._backend.stop_orphans(self._store.interrupted))
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _terminal(self, record: JobRecord) -> None:
         self._metrics.terminal(record)
@@ -86,9 +93,7 @@ class JobRegistry:
 
     async def request_cancel(self, job_id: str, correlation_id: str | None = None) -> None:
         """Start a cancel and return at once (``POST .../cancel``); unknown ids are logged."""
-        task = asyncio.create_task(self._cancel_quietly(job_id, correlation_id))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._cancel_quietly(job_id, correlation_id))
 
     async def request_cancel_many(
         self,

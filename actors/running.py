@@ -1,7 +1,9 @@
 """Jobs running inside one actor: their asyncio tasks, and a cancel that waits for cleanup.
 
 A cancel may arrive before the job's call does (Ray does not order calls from different
-callers); the job then stops as soon as it starts.
+callers), or for a job this actor never runs (a restarted registry stops its orphans
+everywhere); the job then stops as soon as it starts. Such early cancels are remembered
+apart, and only the latest ``remember`` of them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Runs:
         self._remember = remember
         self._running: dict[str, Run] = {}
         self._finished: OrderedDict[str, Run] = OrderedDict()
+        self._early: OrderedDict[str, Run] = OrderedDict()  #: cancelled before they came
 
     def __len__(self) -> int:
         return len(self._running)
@@ -43,7 +46,8 @@ class Runs:
         self, job_id: str, body: Callable[[Run], AsyncGenerator[Event, None]]
     ) -> AsyncGenerator[Event, None]:
         """Iterate ``body(run)`` as job ``job_id``, so ``cancel(job_id)`` can stop it."""
-        run = self._running.setdefault(job_id, Run())
+        early = self._early.pop(job_id) if job_id in self._early else Run()
+        run = self._running.setdefault(job_id, early)
         run.task = asyncio.current_task()
         events = body(run)
         try:
@@ -70,7 +74,9 @@ class Runs:
         """
         run = self._running.get(job_id) or self._finished.get(job_id)
         if run is None:
-            run = self._running[job_id] = Run()
+            run = self._early.setdefault(job_id, Run())
+            while len(self._early) > self._remember:
+                self._early.popitem(last=False)
         if run.cancelled_at is None:
             run.cancelled_at = accepted_at or self._clock()
         if run.task is not None:

@@ -58,6 +58,7 @@ class JobStore:
         self._lock_wait_s = lock_wait_s
         self._lock: IO[bytes] | None = None
         self._index: OrderedDict[str, _Line] = OrderedDict()  #: job id -> its latest line
+        self.interrupted: list[str] = []  #: jobs ``load`` ended: they may still be running
         self._lines = 0  #: lines in the journal, superseded ones included
         self._failing = False
 
@@ -122,9 +123,10 @@ class JobStore:
             latest[job_id] = saved
         kept = _newest(latest, self._keep)
         for record, events in kept:
-            if not JobState(record["state"]).terminal:
+            if not JobState(record["state"]).terminal:  # saved when submitted: it may run
                 error = WorkerDied("the registry restarted while the job was unfinished")
                 _end(record, events, JobState.FAILED, error)
+                self.interrupted.append(record["job_id"])
         kept.sort(key=lambda saved: saved[0]["created_at"])
         try:
             self._rewrite(kept)

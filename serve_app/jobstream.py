@@ -13,18 +13,29 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import RayError, TaskCancelledError
+from ray.exceptions import RayActorError, RayError, TaskCancelledError
 from starlette.requests import Request
 
 from actors.config import Config
 from actors.core import JobState
-from actors.errors import BodyTooLarge, MalformedBody, RbeeError, error_class, rbee_cause
+from actors.errors import (
+    BodyTooLarge,
+    JobNotFound,
+    MalformedBody,
+    RbeeError,
+    WorkerDied,
+    error_class,
+    rbee_cause,
+)
 
 log = logging.getLogger("rbee.jobstream")
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 _PAGE = 1000
 _CANCEL_ATTEMPTS = 10
+REGISTRY_BACK_S = 60.0
+"""How long a follower waits for a registry that died to come back (Ray restarts it)."""
+_RETRY_S = 0.5
 
 MAX_JSON_DEPTH = 64
 """The deepest nesting of arrays and objects a body may have (SPEC §7)."""
@@ -85,17 +96,40 @@ class JobStream:
         """The job's events after ``after``, live, in batches, then one ``end`` item.
 
         A poll that finds nothing within the keep-alive period yields an ``idle`` item.
+        A registry that dies mid-stream is waited for (keep-alives go on meanwhile): it comes
+        back with the job ended (a job it was running fails ``WORKER_DIED``), and the stream
+        ends with that. One that does not come back within ``REGISTRY_BACK_S`` ends it
+        ``[ERROR]`` too: a stream never just breaks off.
         """
         poll_s = self.config.server.keepalive_s
+        lost_at: float | None = None
         while True:
-            events, state = await remote(self.registry.events.remote(job_id, after, poll_s))
+            try:
+                events, state = await remote(self.registry.events.remote(job_id, after, poll_s))
+                if state in TERMINAL and len(events) < _PAGE:
+                    record = await remote(self.registry.job.remote(job_id))
+            except RayActorError as exc:
+                now = asyncio.get_running_loop().time()
+                lost_at = now if lost_at is None else lost_at
+                if now - lost_at > REGISTRY_BACK_S:
+                    log.error("the registry did not come back for %s: %r", job_id, exc)
+                    yield [_lost(after, "the job registry died and did not come back")]
+                    return
+                await asyncio.sleep(_RETRY_S)
+                yield [Item(after, "idle", {})]
+                continue
+            except JobNotFound:
+                if lost_at is None:
+                    raise
+                yield [_lost(after, "the job registry restarted without this job")]
+                return
+            lost_at = None
             batch = [Item(seq, kind, data) for seq, kind, data in events]
             if batch:
                 after = batch[-1].seq
             elif state not in TERMINAL:
                 batch.append(Item(after, "idle", {}))
             if state in TERMINAL and len(events) < _PAGE:
-                record = await remote(self.registry.job.remote(job_id))
                 batch.append(Item(after, "end", {"state": state, "error": record["error"]}))
                 yield batch
                 return
@@ -144,6 +178,11 @@ class JobStream:
 
     async def models(self) -> list[str]:
         return list(await remote(self.registry.models.remote()))
+
+
+def _lost(after: int, message: str) -> Item:
+    error = {"code": WorkerDied.code, "message": message, "retriable": True}
+    return Item(after, "end", {"state": JobState.FAILED.value, "error": error})
 
 
 def parse_json(raw: bytes) -> Any:
