@@ -60,12 +60,14 @@ class Hive:
     async def find_worker(self, model: str, worker_id: str | None = None) -> str | None:
         """A ready worker for ``model``; a worker named by ``worker_id`` that is still
         loading is waited for."""
+        await self._workers.settled()
         if worker_id is not None:
             return await self._workers.find_waiting(model, worker_id)
         return self._workers.find(model)
 
     async def ensure_worker(self, model: str) -> str:
         """A ready worker for ``model``: waits for one that is loading, else starts one."""
+        await self._workers.settled()
         return await self._workers.ensure(model)
 
     async def preloads(self) -> dict[str, dict[str, Any]]:
@@ -75,17 +77,20 @@ class Hive:
     async def models(self) -> list[str]:
         """Models this hive can serve: those its workers run, those in its cache, and the
         embedded one (converted when first asked for) when it is installed."""
+        await self._workers.settled()
         cached = await asyncio.to_thread(self._catalog.list)
         served = [w["model"] for w in self._workers.list()]
         embedded = [LOCAL_ID] if self._config.embedded and gguf_path() is not None else []
         return sorted({*served, *(m["model"] for m in cached), *embedded})
 
     async def stop_workers(self) -> None:
+        await self._workers.settled()
         await self._workers.stop_all()
 
     async def _answer(
         self, job_id: str, op: Any, correlation_id: str | None
     ) -> AsyncGenerator[Event, None]:
+        await self._workers.settled()
         if isinstance(op, WorkerSpawn):
             async for event in self._workers.spawn(
                 op.model, op.device, op.worker_id, correlation_id, job_id

@@ -4,6 +4,11 @@ for one that is loading.
 A worker is listed from the moment it is asked for: while the embedded model is converted
 (once) and while its engine loads, it is ``loading``, and a request for its model waits for
 it instead of failing or starting another one.
+
+Workers are detached: they outlive a hive that is killed. The hive Ray starts again takes
+back those of its node that are ready and stops those that were loading (their spawn job
+ended with the old hive). A worker that dies (``kill -9``, a crashed engine) leaves engine
+processes and ``/dev/shm`` segments behind; the hive ends and removes them.
 """
 
 from __future__ import annotations
@@ -38,11 +43,14 @@ from actors.errors import (
 from actors.events import Event, Narration, Result
 from actors.inference_actor import InferenceActor
 from actors.naming import NAMESPACE, worker_name
+from actors.procs import Leftovers
 
 log = logging.getLogger("rbee.workers")
 
 ACTOR = "hive"
 _STOP_BOUND_S = 30.0
+_ASK_BOUND_S = 10.0  #: for a worker found after a hive restart to say what it is
+_SWEEP_GRACE_S = 5.0  #: for a dead worker's engine processes to exit by themselves
 
 
 class WorkerNotFound(NotFound):
@@ -58,6 +66,7 @@ class Worker:
     ready: bool = False
     info: dict[str, Any] = field(default_factory=dict)
     loading: asyncio.Task[Worker] | None = None
+    leftovers: Leftovers | None = None  #: its processes and segments, seen when ready
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -109,6 +118,45 @@ class WorkerPool:
         self._converting: asyncio.Future[str | None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._watchers: set[asyncio.Task[None]] = set()  #: one per ready worker, till it dies
+        self._adopting = asyncio.create_task(self._adopt())
+
+    async def settled(self) -> None:
+        """Wait until the workers of an earlier life of this hive are taken back."""
+        await asyncio.wait([self._adopting])
+
+    async def _adopt(self) -> None:
+        named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
+        prefix = worker_name("")
+        names = [
+            a["name"]
+            for a in named
+            if a["namespace"] == NAMESPACE and a["name"].startswith(prefix)
+        ]
+        for name in names:
+            try:
+                actor = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+                info = await asyncio.wait_for(actor.stats.remote(), _ASK_BOUND_S)
+            except Exception as exc:  # gone, or not answering: not ours to judge
+                log.warning("could not ask %s what it serves: %r", name, exc)
+                continue
+            if info.get("node_id") != self._node_id:
+                continue
+            worker_id = name[len(prefix) :]
+            if not info.get("loaded"):
+                log.warning("stopping worker %s: it was loading when the hive died", worker_id)
+                self._retire(actor)
+                continue
+            worker = Worker(worker_id, info["model"], info["device"], actor, True, info)
+            self._workers[worker_id] = worker
+            self._note(worker, "ready")
+            await self._ready(worker)
+            log.info("took back worker %s (%s) after a hive restart", worker_id, worker.model)
+
+    async def _ready(self, worker: Worker) -> None:
+        """Note what the worker runs (to clean up if it dies) and watch it."""
+        if (pid := worker.info.get("pid")) is not None:
+            worker.leftovers = await asyncio.to_thread(Leftovers.of, int(pid))
+        self._watch(worker)
 
     def list(self) -> list[dict[str, Any]]:
         return [w.describe() for w in self._workers.values()]
@@ -232,7 +280,7 @@ class WorkerPool:
             worker.loading = None
         worker.ready = True
         self._note(worker, "ready")
-        self._watch(worker)
+        await self._ready(worker)
         return worker
 
     def _watch(self, worker: Worker) -> None:
@@ -247,10 +295,32 @@ class WorkerPool:
                     del self._workers[worker.worker_id]
                     log.warning("worker %s (%s) died: %s", worker.worker_id, worker.model, exc)
                     self._note(worker, "failed", WorkerDied(f"worker {worker.worker_id} died"))
+                    await self._sweep(worker)
 
         task = asyncio.create_task(watch())
         self._watchers.add(task)
         task.add_done_callback(self._watchers.discard)
+
+    async def _sweep(self, worker: Worker) -> None:
+        """End what a dead worker left running and remove its ``/dev/shm`` segments."""
+        left = worker.leftovers
+        if left is None:
+            return
+        deadline = asyncio.get_running_loop().time() + _SWEEP_GRACE_S
+        while await asyncio.to_thread(left.alive):
+            if asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.2)
+        killed = await asyncio.to_thread(left.kill)
+        removed = await asyncio.to_thread(left.remove_segments)
+        if killed or removed:
+            log.warning(
+                "worker %s left %d process(es) running (ended) and %d /dev/shm segment(s) "
+                "(removed)",
+                worker.worker_id,
+                len(killed),
+                len(removed),
+            )
 
     async def _model_path(self, model: str) -> Path:
         """The snapshot to load; the embedded model is converted first if it is not yet."""

@@ -35,6 +35,7 @@ from actors.core import JobState
 from actors.embedded import LOCAL_ID
 from actors.errors import JobCancelled
 from actors.naming import NAMESPACE, REGISTRY
+from actors.procs import children, proc_stat, process_tree, shared_memory, unlink
 from actors.store import JobStore
 from serve_app.deployment import APP_NAME, Ingress
 
@@ -307,7 +308,7 @@ class _Leftovers:
     """
 
     def __init__(self) -> None:
-        self._before = _children(os.getpid())
+        self._before = children(os.getpid())
         self._roots: dict[int, str] = {}  #: Ray's daemons: pid -> command name (for logs)
         self._seen: dict[int, str] = {}  #: pid -> start time
         self._segments: set[Path] = set()
@@ -347,17 +348,17 @@ class _Leftovers:
             deadline = time.monotonic() + wait_s
             while (alive := [p for p in alive if self._alive(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
-        removed = [path for path in sorted(self._segments) if _unlink(path)]
+        removed = [path for path in sorted(self._segments) if unlink(path)]
         if removed:
             log.info("removed %d shared-memory segments left in /dev/shm", len(removed))
 
     def scan(self) -> None:
-        tree = _process_tree()
+        tree = process_tree()
         with self._lock:
             todo = [pid for pid in (*self._roots, *self._seen) if self._alive(pid)]
             while todo:
                 pid = todo.pop()
-                if pid not in self._seen and (stat := _stat(pid)) is not None:
+                if pid not in self._seen and (stat := proc_stat(pid)) is not None:
                     self._seen[pid] = stat[2]
                 todo.extend(child for child in tree.get(pid, ()) if child not in self._seen)
             alive = [pid for pid in self._seen if self._alive(pid)]
@@ -368,7 +369,7 @@ class _Leftovers:
         with self._lock:
             if self._roots:
                 return
-            for pid in _children(os.getpid()) - self._before:
+            for pid in children(os.getpid()) - self._before:
                 with suppress(OSError):
                     self._roots[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
 
@@ -380,53 +381,9 @@ class _Leftovers:
                 log.debug("scanning Ray's processes failed: %r", exc)
 
     def _alive(self, pid: int) -> bool:
-        stat = _stat(pid)
+        stat = proc_stat(pid)
         started = self._seen.get(pid)
         return stat is not None and stat[1] != "Z" and (started is None or stat[2] == started)
-
-
-def _stat(pid: int) -> tuple[int, str, str] | None:
-    """A process's parent pid, state and start time, from ``/proc/<pid>/stat``."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return int(fields[1]), fields[0], fields[19]
-
-
-def _process_tree() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    with suppress(OSError), os.scandir("/proc") as entries:
-        for entry in entries:
-            if entry.name.isdigit() and (stat := _stat(int(entry.name))) is not None:
-                tree.setdefault(stat[0], []).append(int(entry.name))
-    return tree
-
-
-def _children(pid: int) -> set[int]:
-    return set(_process_tree().get(pid, ()))
-
-
-def shared_memory(pid: int) -> set[Path]:
-    """The ``/dev/shm`` files a process maps (not those already removed)."""
-    found: set[Path] = set()
-    try:
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                if "/dev/shm/" in line and not line.rstrip().endswith("(deleted)"):
-                    found.add(Path(line.split(maxsplit=5)[5].rstrip("\n")))
-    except OSError:
-        pass
-    return found
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-    except OSError:
-        return False
-    return True
 
 
 def _wait_healthy(url: str, config: Config, timeout: float = 120.0) -> None:

@@ -91,3 +91,12 @@ def wait_state(
     client: httpx.Client, job_id: str, *states: str, timeout: float = 30.0
 ) -> dict[str, Any]:
     return dict(wait_for(lambda: (j := job(client, job_id))["state"] in states and j, timeout))
+
+
+def pid_of(actor_name: str) -> int:
+    """The pid of the alive actor of that name (to ``kill -9`` it)."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("name", "=", actor_name), ("state", "=", "ALIVE")])
+    assert len(alive) == 1, alive
+    return int(alive[0].pid)

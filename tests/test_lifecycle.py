@@ -32,8 +32,8 @@ import yaml
 
 from actors.cache import RepoLayout
 from actors.core import JobState
+from actors.procs import shared_memory
 from actors.store import JobStore
-from serve_app.launch import shared_memory
 from tests.conftest import free_port
 from tests.helpers import submit, wait_for, wait_state
 

@@ -9,7 +9,7 @@ import uuid
 import ray
 
 from actors.naming import NAMESPACE, REGISTRY
-from tests.helpers import job, read_sse, submit, wait_for, wait_state
+from tests.helpers import job, pid_of, read_sse, submit, wait_for, wait_state
 
 
 def test_registry_restart_keeps_finished_jobs(api):
@@ -66,14 +66,6 @@ def _answers(api, job_id: str) -> bool:
         return False
 
 
-def _pid_of(name: str) -> int:
-    from ray.util.state import list_actors
-
-    alive = list_actors(filters=[("name", "=", name), ("state", "=", "ALIVE")])
-    assert len(alive) == 1, alive
-    return int(alive[0].pid)
-
-
 def test_a_registry_killed_mid_job_orphans_nothing(api, hub, cache_dir, worker):
     """kill -9 of the registry while a download and a generation run and a client watches:
     the watcher's stream ends [ERROR], the registry comes back with every finished record,
@@ -107,7 +99,7 @@ def test_a_registry_killed_mid_job_orphans_nothing(api, hub, cache_dir, worker):
         watcher = threading.Thread(target=watch)
         watcher.start()
         time.sleep(0.5)
-        os.kill(_pid_of(REGISTRY), signal.SIGKILL)
+        os.kill(pid_of(REGISTRY), signal.SIGKILL)
         watcher.join(70)
         assert len(watched) == 1 and not isinstance(watched[0], BaseException), watched
         assert watched[0].sentinel.startswith("[ERROR]"), watched[0].events[-3:]

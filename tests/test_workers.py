@@ -9,7 +9,8 @@ import pytest
 import ray
 
 from actors.naming import NAMESPACE, worker_name
-from tests.helpers import read_sse, submit, wait_for, wait_state
+from actors.procs import Leftovers
+from tests.helpers import pid_of, read_sse, submit, wait_for, wait_state
 
 pytest.importorskip("vllm")
 
@@ -79,6 +80,8 @@ def test_a_killed_worker_fails_its_job_leaves_the_pool_and_frees_its_gpu(api, wo
     spawned = read_sse(api, f"/v1/jobs/{submit(api, spawn)}/stream", deadline_s=300)
     assert spawned.sentinel == "[DONE]", spawned.events
     pid = spawned.of("result")[0]["pid"]
+    left = Leftovers.of(pid)  # the actor, its engine's processes and their /dev/shm segments
+    assert len(left.processes) > 1 and left.segments, (left.processes, left.segments)
     op = {"operation": "infer", "model": tiny_model, "worker_id": "w-doomed", "ignore_eos": True,
           "prompt": "Once upon a time there was a hive of bees", "max_tokens": 1500}  # fmt: skip
     job_id = submit(api, op)
@@ -93,6 +96,9 @@ def test_a_killed_worker_fails_its_job_leaves_the_pool_and_frees_its_gpu(api, wo
     assert wait_state(api, job_id, "failed")["error"]["code"] == "WORKER_DIED"
     wait_for(lambda: all(w["worker_id"] != "w-doomed" for w in _workers(api)), timeout=5)
     assert time.monotonic() - killed < 5
+    # The hive ends what the engine left running and removes its segments.
+    wait_for(lambda: not left.alive(), timeout=15)
+    wait_for(lambda: not any(path.exists() for path in left.segments), timeout=5)
 
     # Its GPU is free again: a new GPU worker fits beside the session's, and serves.
     spawn = {**spawn, "worker_id": "w-reborn"}
@@ -104,3 +110,43 @@ def test_a_killed_worker_fails_its_job_leaves_the_pool_and_frees_its_gpu(api, wo
     finally:
         stop = submit(api, {"operation": "worker_stop", "worker_id": "w-reborn"})
         wait_state(api, stop, "completed", timeout=60)
+
+
+def test_a_killed_hive_takes_back_its_ready_workers_and_stops_loading_ones(api, worker, tiny_model):
+    """kill -9 of the Hive while one worker serves and another loads: the spawn job fails
+    WORKER_DIED, the hive Ray restarts lists the ready worker again (no second engine for its
+    model) and stops the one that was loading; the next infer and spawn work."""
+    import os
+    import signal
+
+    from ray.util.state import list_actors
+
+    ready = {w["worker_id"] for w in _workers(api) if w["state"] == "ready"}
+    assert worker["worker_id"] in ready
+    spawn = {"operation": "worker_spawn", "model": tiny_model, "device": "cpu", "worker_id": "w-halfway"}
+    job_id = submit(api, spawn)
+    wait_for(lambda: not _gone(worker_name("w-halfway")), timeout=60, interval=0.5)
+    hives = [a.name for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.name.startswith("rbee:hive:")]
+    assert len(hives) == 1, hives
+    os.kill(pid_of(hives[0]), signal.SIGKILL)
+
+    stream = read_sse(api, f"/v1/jobs/{job_id}/stream", deadline_s=30)
+    assert stream.sentinel is not None and stream.sentinel.startswith("[ERROR]"), stream.events
+    assert stream.of("error")[-1]["code"] == "WORKER_DIED"
+    wait_for(lambda: _answers(api), timeout=60, interval=0.5)
+    listed = {w["worker_id"]: w for w in _workers(api)}
+    assert ready <= set(listed) and all(listed[w]["state"] == "ready" for w in ready), listed
+    wait_for(lambda: _gone(worker_name("w-halfway")), timeout=120, interval=0.5)
+    assert "w-halfway" not in {w["worker_id"] for w in _workers(api)}
+
+    op = {"operation": "infer", "model": tiny_model, "prompt": "Once upon a time there was", "max_tokens": 8}
+    served = wait_state(api, submit(api, op), "completed", timeout=60)["result"]["worker_id"]
+    assert served in ready
+    assert {w["worker_id"] for w in _workers(api)} == set(listed) - {"w-halfway"}
+
+
+def _answers(api) -> bool:
+    try:
+        return bool(_workers(api) is not None)
+    except Exception:
+        return False

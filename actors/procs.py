@@ -1,0 +1,100 @@
+"""What ``/proc`` tells about processes: parents, children, and the ``/dev/shm`` files they
+map (vLLM's engines leave theirs behind when they are killed)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from contextlib import suppress
+from pathlib import Path
+
+
+def proc_stat(pid: int) -> tuple[int, str, str] | None:
+    """A process's parent pid, state and start time, from ``/proc/<pid>/stat``."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return int(fields[1]), fields[0], fields[19]
+
+
+def process_tree() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    with suppress(OSError), os.scandir("/proc") as entries:
+        for entry in entries:
+            if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
+                tree.setdefault(stat[0], []).append(int(entry.name))
+    return tree
+
+
+def children(pid: int) -> set[int]:
+    return set(process_tree().get(pid, ()))
+
+
+def shared_memory(pid: int) -> set[Path]:
+    """The ``/dev/shm`` files a process maps (not those already removed)."""
+    found: set[Path] = set()
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                if "/dev/shm/" in line and not line.rstrip().endswith("(deleted)"):
+                    found.add(Path(line.split(maxsplit=5)[5].rstrip("\n")))
+    except OSError:
+        pass
+    return found
+
+
+def unlink(path: Path) -> bool:
+    try:
+        path.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process under ``pid`` (children, their children, ...)."""
+    tree, found, todo = process_tree(), set(), [pid]
+    while todo:
+        for child in tree.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+class Leftovers:
+    """A process tree and the ``/dev/shm`` files it maps, as seen while it ran: what to clean
+    up once its root has died (vLLM's engine processes and segments outlive a killed actor)."""
+
+    def __init__(self, processes: dict[int, str], segments: set[Path]) -> None:
+        self.processes = processes  #: pid -> start time (a reused pid is not ours)
+        self.segments = segments
+
+    @classmethod
+    def of(cls, root: int) -> Leftovers:
+        pids = {root, *descendants(root)}
+        processes = {pid: s[2] for pid in pids if (s := proc_stat(pid)) is not None}
+        segments = {path for pid in processes for path in shared_memory(pid)}
+        return cls(processes, segments)
+
+    def alive(self) -> list[int]:
+        return [
+            pid
+            for pid, started in self.processes.items()
+            if (s := proc_stat(pid)) is not None and s[1] != "Z" and s[2] == started
+        ]
+
+    def kill(self) -> list[int]:
+        """SIGKILL what is still alive of the tree; the pids signalled."""
+        killed = []
+        for pid in self.alive():
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return killed
+
+    def remove_segments(self) -> list[Path]:
+        """Unlink the segments (a process still mapping one keeps its memory till it exits)."""
+        return [path for path in sorted(self.segments) if unlink(path)]
