@@ -193,9 +193,12 @@ def test_url_vendor_downloads_a_plain_file(api, hub, cache_dir):
 
 
 def test_resume_after_the_download_actor_died(api, hub, cache_dir):
-    import ray
+    """kill -9 of the DownloadActor mid-transfer: the job fails WORKER_DIED (retriable), its
+    stream ends [ERROR], the partial file stays, and the next download resumes from it."""
+    import signal
 
-    from actors.naming import NAMESPACE, download_name
+    from actors.naming import download_name
+    from tests.helpers import pid_of
 
     data = os.urandom(3 * MiB)
     repo = _repo(hub, {"model.bin": data})
@@ -205,12 +208,14 @@ def test_resume_after_the_download_actor_died(api, hub, cache_dir):
         wait_for(lambda: (job(api, first)["progress"] or {}).get("bytes_done", 0) >= MiB)
         hives = wait_state(api, submit(api, {"operation": "hive_list"}), "completed")
         hive_id = hives["result"]["hives"][0]["hive_id"]
-        ray.kill(ray.get_actor(download_name(hive_id), namespace=NAMESPACE), no_restart=False)
+        os.kill(pid_of(download_name(hive_id)), signal.SIGKILL)
         died = read_sse(api, f"/v1/jobs/{first}/stream", deadline_s=30)
     finally:
         hub.throttle_bps = None
+    assert died.sentinel is not None and died.sentinel.startswith("[ERROR]")
     error = died.of("error")[-1]
     assert error["code"] == "WORKER_DIED" and error["retriable"] is True
+    assert job(api, first)["state"] == "failed"
     partial = [p for p in _blobs(cache_dir, repo) if p.name.endswith(".incomplete")]
     assert len(partial) == 1
     kept = partial[0].stat().st_size
