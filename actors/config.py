@@ -62,6 +62,9 @@ class ServerConfig(_Section):
     api_token: SecretStr | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     keepalive_s: float = Field(default=15.0, gt=0)
+    #: ``haproxy``: Ray Serve's HAProxy ingress and fast data plane (``serve_app.fast_path``),
+    #: for a Ray rbee starts itself; ``proxy``: Serve's Python proxy
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
 
 
 class Config(_Section):
@@ -145,6 +148,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
     server = data.setdefault("server", {})
     if env.get("RBEE_API_TOKEN"):
         server["api_token"] = env["RBEE_API_TOKEN"]
+    if env.get("RBEE_INGRESS"):
+        server["ingress"] = env["RBEE_INGRESS"]
     downloads = data.setdefault("downloads", {})
     for var, key in (
         ("RBEE_DOWNLOAD_CONCURRENCY", "concurrency"),

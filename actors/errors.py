@@ -106,6 +106,13 @@ class WorkerDied(RbeeError):
     retriable = True
 
 
+class Unavailable(RbeeError):
+    """A part of rbee is restarting (the registry, say): the same request soon works."""
+
+    code = "UNAVAILABLE"
+    retriable = True
+
+
 class ModelLoadFailed(RbeeError):
     code = "MODEL_LOAD_FAILED"
 

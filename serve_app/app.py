@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,8 +21,15 @@ from actors.core import JobState
 from actors.errors import InvalidRequest, JobFinished, RbeeError, Unauthorized
 from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
-from serve_app.errors import EXCEPTION_HANDLERS
-from serve_app.jobstream import Item, JobStream, correlation_id, new_correlation_id, remote
+from serve_app.errors import EXCEPTION_HANDLERS, error_body
+from serve_app.jobstream import (
+    Item,
+    JobStream,
+    correlation_id,
+    new_correlation_id,
+    read,
+    remote,
+)
 from serve_app.openai import OpenAi
 
 log = logging.getLogger("rbee.http")
@@ -106,11 +114,12 @@ class Api:
         limit = _count(_query(request, "limit") or "100", "limit")
         if not 1 <= limit <= 10_000:
             raise InvalidRequest("limit must be between 1 and 10000")
-        jobs = await remote(self.registry.jobs.remote(state, operation, limit))
+        jobs = await read(lambda: self.registry.jobs.remote(state, operation, limit))
         return JSONResponse({"jobs": jobs})
 
     async def get_job(self, request: Request) -> Response:
-        return JSONResponse(await remote(self.registry.job.remote(request.path_params["job_id"])))
+        job_id = request.path_params["job_id"]
+        return JSONResponse(await read(lambda: self.registry.job.remote(job_id)))
 
     async def delete_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -167,7 +176,7 @@ class Api:
     async def stream(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
         after = _last_event_id(request)
-        await remote(self.registry.job.remote(job_id))
+        await read(lambda: self.registry.job.remote(job_id))
         return StreamingResponse(
             self._events(job_id, after),
             media_type="text/event-stream",
@@ -240,12 +249,44 @@ class CorrelationIds:
         await self.app(scope, receive, send_with_cid)
 
 
+class LoopbackOnly:
+    """Answers only this machine's clients (403 to others): a server set to listen on
+    loopback still has its ingress replica's own port open on every interface under Serve's
+    HAProxy ingress, and HAProxy reaches the replica from loopback."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = scope.get("client")
+        if scope["type"] == "http" and client and not is_loopback(str(client[0])):
+            message = "this rbee server answers only its own machine (server.host is loopback)"
+            await JSONResponse(error_body("FORBIDDEN", message), 403)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, ``[::1]``, or a name) is this machine's loopback only."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (not loopback to Python before 3.13)
+    return address.is_loopback
+
+
 def build_app(config: Config, registry: Any) -> ASGIApp:
-    app = Starlette(
+    app: ASGIApp = Starlette(
         routes=Api(config, registry).routes(),
         exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
     )
-    return CorrelationIds(app)
+    app = CorrelationIds(app)
+    return LoopbackOnly(app) if is_loopback(config.server.host) else app
 
 
 __all__ = ["Api", "RbeeError", "build_app"]

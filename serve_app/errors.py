@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -19,6 +20,7 @@ STATUS: dict[type[errors.RbeeError], int] = {
     errors.WorkerDied: 503,  # the server's side failed; the same request may succeed again
     errors.InsufficientVram: 503,
     errors.ModelLoadFailed: 503,
+    errors.Unavailable: 503,
     errors.RbeeError: 500,
 }
 
@@ -48,4 +50,14 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
 
-EXCEPTION_HANDLERS = {errors.RbeeError: rbee_error, HTTPException: http_error}
+async def actor_gone(request: Request, exc: Exception) -> JSONResponse:
+    """An actor rbee needs died or is restarting (Ray restarts them): 503, try again."""
+    message = f"an rbee actor is restarting: {type(exc).__name__}; try again"
+    return JSONResponse(error_body(errors.Unavailable.code, message), 503)
+
+
+EXCEPTION_HANDLERS = {
+    errors.RbeeError: rbee_error,
+    HTTPException: http_error,
+    RayActorError: actor_gone,
+}

@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from actors.errors import (
     JobNotFound,
     MalformedBody,
     RbeeError,
+    Unavailable,
     WorkerDied,
     error_class,
     rbee_cause,
@@ -35,6 +36,8 @@ _PAGE = 1000
 _CANCEL_ATTEMPTS = 10
 REGISTRY_BACK_S = 60.0
 """How long a follower waits for a registry that died to come back (Ray restarts it)."""
+READ_WAIT_S = 15.0
+"""How long a read (a job, the job list) waits for a registry that is restarting."""
 _RETRY_S = 0.5
 
 MAX_JSON_DEPTH = 64
@@ -55,6 +58,19 @@ async def remote(ref: Any) -> Any:
         if cause is not None and cause is not exc:
             raise cause from None
         raise
+
+
+async def read(make: Callable[[], Any], wait_s: float = READ_WAIT_S) -> Any:
+    """A registry read (``make`` starts the call), waiting up to ``wait_s`` for a registry
+    that is restarting rather than failing the request; then ``Unavailable``."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        try:
+            return await remote(make())
+        except RayActorError as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(f"the job registry did not come back within {wait_s:g}s") from exc
+            await asyncio.sleep(_RETRY_S)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,14 +12,13 @@ the shared memory its engines left in ``/dev/shm`` is removed.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,9 @@ from actors.errors import JobCancelled
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, shared_memory, unlink
 from actors.store import JobStore
+from serve_app.app import is_loopback
 from serve_app.deployment import APP_NAME, Ingress
+from serve_app.fast_path import fast_path
 
 log = logging.getLogger("rbee.launch")
 
@@ -55,6 +56,7 @@ class Hive:
     dashboard_url: str | None
     preloads: dict[str, str] = field(default_factory=dict)  #: model -> its worker_spawn job
     stopped_cleanly: bool = True  #: False when shutdown had to end Ray's processes by force
+    ingress: str | None = None  #: ``haproxy`` or ``proxy`` for a Ray of our own
     _watch: _PreloadWatch | None = field(default=None, repr=False)
 
     @classmethod
@@ -85,7 +87,12 @@ class Hive:
         leftovers = _Leftovers() if local else None
         url = f"http://{config.server.host}:{config.server.port}"
         hive = cls(config, url, None)
+        stack = ExitStack()
         try:
+            if local:
+                hive.ingress = "haproxy" if stack.enter_context(
+                    fast_path(config.server.ingress)
+                ) else "proxy"
             if own_ray:
                 context = _init_ray(address, ray_init or {})
                 if context.dashboard_url:
@@ -98,7 +105,12 @@ class Hive:
             hive.preload()
             yield hive
         finally:
-            hive.stopped_cleanly = hive._stop(own_ray=own_ray, local=local, leftovers=leftovers)
+            try:
+                hive.stopped_cleanly = hive._stop(
+                    own_ray=own_ray, local=local, leftovers=leftovers
+                )
+            finally:
+                stack.close()
 
     def preload(self) -> dict[str, str]:
         """Submit a ``worker_spawn`` job for each ``preload`` model and watch them in the
@@ -163,20 +175,6 @@ def open_without_token(server: ServerConfig) -> bool:
     """True when the server listens beyond this machine (anything but 127.0.0.0/8, ::1 or
     localhost: ``0.0.0.0``, ``::``, a LAN address, any other host name) with no API token."""
     return server.api_token is None and not is_loopback(server.host)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address, ``[::1]``, or a name) is this machine's loopback only."""
-    host = host.strip().removeprefix("[").removesuffix("]")
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # another name: it may resolve to any interface
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (not loopback to Python before 3.13)
-    return address.is_loopback
 
 
 def _init_ray(address: str | None, options: dict[str, Any]) -> Any:

@@ -140,7 +140,8 @@ def test_a_queued_job_cancelled_never_starts(api, slow_hub, cache_dir):
 def test_cancelling_one_of_two_shared_downloads_leaves_the_other_running(api, slow_hub, cache_dir):
     repo, first = _start_download(api, slow_hub, 3 * MiB)
     second = submit(api, {"operation": "model_download", "model": repo})
-    wait_for(lambda: job(api, second)["state"] == "running")
+    # It shares the transfer once it reports bytes ("running" comes before it has joined).
+    wait_for(lambda: (job(api, second)["progress"] or {}).get("bytes_done", 0) > 0)
     assert api.delete(f"/v1/jobs/{first}").status_code == 200
     stream = read_sse(api, f"/v1/jobs/{second}/stream", deadline_s=30)
     assert stream.sentinel == "[DONE]"

@@ -268,7 +268,7 @@ def test_api_token_guards_every_route_but_health(hive):
 
     config = Config.load(env={"RBEE_API_TOKEN": "s3cret"})
     registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-    with TestClient(build_app(config, registry)) as client:
+    with TestClient(build_app(config, registry), client=("127.0.0.1", 50000)) as client:
         assert client.get("/health").status_code == 200
         refused = client.get("/v1/jobs")
         assert refused.status_code == 401
