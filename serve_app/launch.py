@@ -340,12 +340,14 @@ class _Leftovers:
             level = logging.INFO if patient else logging.WARNING
             log.log(level, "ending %d processes Ray left running", len(alive))
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
+            self.scan()  # an engine still starting maps new segments up to its end
             for pid in alive:
                 with suppress(OSError):
                     os.kill(pid, sig)
             deadline = time.monotonic() + wait_s
             while (alive := [p for p in alive if self._alive(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
+                self.scan()
         removed = [path for path in sorted(self._segments) if unlink(path)]
         if removed:
             log.info("removed %d shared-memory segments left in /dev/shm", len(removed))
