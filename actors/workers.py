@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors import logs
@@ -268,8 +269,12 @@ class WorkerPool:
                 ray.cancel(load)
             if worker.actor is not None:
                 self._retire(worker.actor)  # it stops what it started, then goes
-            if isinstance(exc, asyncio.CancelledError):
+            # Ray cancels the load call with the spawn job that made it (``ray.cancel`` is
+            # recursive): its TaskCancelledError is the same cancel, not a failed load.
+            if isinstance(exc, asyncio.CancelledError | TaskCancelledError):
                 self._note(worker, "cancelled", JobCancelled("the load was cancelled"))
+                if isinstance(exc, TaskCancelledError):
+                    raise asyncio.CancelledError from exc
                 raise
             error = _load_error(worker, exc)
             self._note(worker, "failed", error)
