@@ -28,6 +28,13 @@ def process_tree() -> dict[int, list[int]]:
     return tree
 
 
+def running(pid: int, started: str | None = None) -> bool:
+    """Whether ``pid`` is a live process (not a zombie) and, given its start time, still the
+    same one (a pid is reused once its process is gone)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[1] != "Z" and (started is None or stat[2] == started)
+
+
 def children(pid: int) -> set[int]:
     return set(process_tree().get(pid, ()))
 
@@ -80,11 +87,7 @@ class Leftovers:
         return cls(processes, segments)
 
     def alive(self) -> list[int]:
-        return [
-            pid
-            for pid, started in self.processes.items()
-            if (s := proc_stat(pid)) is not None and s[1] != "Z" and s[2] == started
-        ]
+        return [pid for pid, started in self.processes.items() if running(pid, started)]
 
     def kill(self) -> list[int]:
         """SIGKILL what is still alive of the tree; the pids signalled."""

@@ -34,7 +34,7 @@ from actors.core import JobState
 from actors.embedded import LOCAL_ID
 from actors.errors import JobCancelled
 from actors.naming import NAMESPACE, REGISTRY
-from actors.procs import children, proc_stat, process_tree, shared_memory, unlink
+from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
 from actors.store import JobStore
 from serve_app.app import is_loopback
 from serve_app.deployment import APP_NAME, Ingress
@@ -381,9 +381,7 @@ class _Leftovers:
                 log.debug("scanning Ray's processes failed: %r", exc)
 
     def _alive(self, pid: int) -> bool:
-        stat = proc_stat(pid)
-        started = self._seen.get(pid)
-        return stat is not None and stat[1] != "Z" and (started is None or stat[2] == started)
+        return running(pid, self._seen.get(pid))
 
 
 def _wait_healthy(url: str, config: Config, timeout: float = 120.0) -> None:
