@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from actors.events import Error, Event, Progress, Result, payload
+from actors.events import Error, Event, Progress, Result, StreamEvent, payload
 
 
 class JobState(StrEnum):
@@ -54,12 +54,15 @@ def new_job_id() -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class LoggedEvent:
-    """An event with its per-job sequence id (the SSE ``id:``)."""
+class Lease:
+    """A job's events are being numbered by the actor running it, from ``first_id`` on.
 
-    seq: int
-    kind: str
-    data: dict[str, Any]
+    Watchers take them live from ``actor``; the registry gets them in bulk, and events of
+    its own for the job wait until the lease ends, so ids stay one sequence.
+    """
+
+    actor: str
+    first_id: int
 
 
 @dataclass
@@ -101,21 +104,25 @@ class EventLog:
     """
 
     def __init__(self, maxlen: int) -> None:
-        self._events: deque[LoggedEvent] = deque(maxlen=maxlen)
+        self._events: deque[StreamEvent] = deque(maxlen=maxlen)
         self.last_seq = 0
 
-    def append(self, event: Event) -> LoggedEvent:
+    def append(self, event: Event) -> StreamEvent:
         self.last_seq += 1
-        logged = LoggedEvent(self.last_seq, event.kind, payload(event))
+        logged = StreamEvent(self.last_seq, event)
         self._events.append(logged)
         return logged
 
-    def restore(self, event: LoggedEvent) -> None:
+    def restore(self, event: StreamEvent) -> None:
+        """Append an event numbered elsewhere (on disk, or by the actor holding a lease)."""
         self._events.append(event)
-        self.last_seq = event.seq
+        self.last_seq = event.id
 
-    def after(self, seq: int, limit: int | None = None) -> list[LoggedEvent]:
-        out = [e for e in self._events if e.seq > seq]
+    def after(self, seq: int, limit: int | None = None) -> list[StreamEvent]:
+        if not self._events or self._events[-1].id <= seq:
+            return []
+        start = max(0, seq + 1 - self._events[0].id)  # ids are consecutive within the log
+        out = [self._events[i] for i in range(start, len(self._events))]
         return out if limit is None else out[:limit]
 
 
@@ -124,6 +131,8 @@ class _Entry:
     record: JobRecord
     log: EventLog
     changed: asyncio.Condition
+    lease: Lease | None = None
+    deferred: list[Event] = field(default_factory=list)  #: the registry's, during a lease
 
 
 class JobTable:
@@ -167,7 +176,7 @@ class JobTable:
         for job_id in old:
             del self._jobs[job_id]
 
-    def restore(self, saved: dict[str, Any], events: list[LoggedEvent]) -> JobRecord:
+    def restore(self, saved: dict[str, Any], events: list[StreamEvent]) -> JobRecord:
         """Put back a job remembered on disk (see ``actors.store``)."""
         record = JobRecord(
             job_id=saved["job_id"],
@@ -188,7 +197,7 @@ class JobTable:
         self._jobs[record.job_id] = _Entry(record, log, asyncio.Condition())
         return record
 
-    def events(self, job_id: str) -> list[LoggedEvent]:
+    def events(self, job_id: str) -> list[StreamEvent]:
         return self._jobs[job_id].log.after(0)
 
     def get(self, job_id: str) -> JobRecord | None:
@@ -211,20 +220,57 @@ class JobTable:
                 break
         return out
 
-    async def emit(self, job_id: str, event: Event) -> LoggedEvent | None:
-        """Append an event; events for a terminal job are dropped (it has said its last word)."""
+    async def emit(self, job_id: str, event: Event) -> None:
+        """Append an event of the registry's own; events for a terminal job are dropped (it
+        has said its last word). During a lease it waits for the lease's end."""
         entry = self._jobs[job_id]
         if entry.record.state.terminal:
-            return None
-        logged = entry.log.append(event)
-        if isinstance(event, Progress):
-            entry.record.progress = logged.data
-        elif isinstance(event, Error):
-            entry.record.error = logged.data
-        elif isinstance(event, Result):
-            entry.record.result = logged.data
+            return
+        if entry.lease is not None:
+            entry.deferred.append(event)
+            return
+        self._note(entry, entry.log.append(event))
         await self._notify(entry)
-        return logged
+
+    async def record_events(self, job_id: str, events: list[StreamEvent]) -> None:
+        """Append events the leasing actor numbered (ids already logged are skipped)."""
+        entry = self._jobs[job_id]
+        if entry.record.state.terminal:
+            return
+        for logged in events:
+            if logged.id > entry.log.last_seq:
+                entry.log.restore(logged)
+                self._note(entry, logged)
+        await self._notify(entry)
+
+    async def lease(self, job_id: str, actor: str) -> int:
+        """Let ``actor`` number the job's next events; the first id it is to use."""
+        entry = self._jobs[job_id]
+        entry.lease = Lease(actor, entry.log.last_seq + 1)
+        await self._notify(entry)
+        return entry.lease.first_id
+
+    async def release(self, job_id: str) -> None:
+        """End the lease: the registry's events held meanwhile follow the actor's."""
+        entry = self._jobs.get(job_id)
+        if entry is None or entry.lease is None:
+            return
+        entry.lease = None
+        deferred, entry.deferred = entry.deferred, []
+        for event in deferred:
+            if not entry.record.state.terminal:
+                self._note(entry, entry.log.append(event))
+        await self._notify(entry)
+
+    @staticmethod
+    def _note(entry: _Entry, logged: StreamEvent) -> None:
+        event = logged.event
+        if isinstance(event, Progress):
+            entry.record.progress = payload(event)
+        elif isinstance(event, Error):
+            entry.record.error = payload(event)
+        elif isinstance(event, Result):
+            entry.record.result = payload(event)
 
     async def transition(self, job_id: str, new: JobState) -> JobRecord:
         entry = self._jobs[job_id]
@@ -241,17 +287,28 @@ class JobTable:
         return record
 
     async def wait_events(
-        self, job_id: str, after: int, poll_s: float, limit: int = 1000
-    ) -> tuple[list[LoggedEvent], JobState]:
-        """Events after ``after``; a long poll: waits up to ``poll_s`` when there are none yet."""
+        self, job_id: str, after: int, poll_s: float, limit: int = 1000, *, live: int = 0
+    ) -> tuple[list[StreamEvent], JobState, Lease | None]:
+        """Events after ``after``, the job's state and its lease; a long poll: waits up to
+        ``poll_s`` while there is nothing new. A lease newer than ``live`` (the first id of
+        the last lease the watcher followed live, or 0) is news too."""
         entry = self._jobs[job_id]
+
+        def news() -> bool:
+            lease = entry.lease
+            return (
+                entry.log.last_seq > after
+                or entry.record.state.terminal
+                or (lease is not None and lease.first_id > live)
+            )
+
         async with entry.changed:
-            if entry.log.last_seq <= after and not entry.record.state.terminal:
+            if not news():
                 try:
-                    await asyncio.wait_for(entry.changed.wait(), poll_s)
+                    await asyncio.wait_for(entry.changed.wait_for(news), poll_s)
                 except TimeoutError:
                     pass
-        return entry.log.after(after, limit), entry.record.state
+        return entry.log.after(after, limit), entry.record.state, entry.lease
 
     async def _notify(self, entry: _Entry) -> None:
         async with entry.changed:

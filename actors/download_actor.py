@@ -11,8 +11,9 @@ from ray.util import metrics
 from actors import logs
 from actors.config import Config
 from actors.downloads import ModelDownloads
-from actors.events import Event
+from actors.events import StreamEvent
 from actors.operations import ModelDownload
+from actors.running import FLUSH_S, batched
 from actors.transfer import BandwidthLimiter, Downloader
 from actors.vendors import HfVendor, UrlVendor
 
@@ -51,10 +52,17 @@ class DownloadActor:
         )
 
     async def run(
-        self, job_id: str, op: ModelDownload, correlation_id: str | None = None
-    ) -> AsyncIterator[Event]:
-        async for event in self._downloads.run(job_id, op, correlation_id):
-            yield event
+        self, job_id: str, op: ModelDownload, correlation_id: str | None = None, first_id: int = 1
+    ) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events, numbered from ``first_id``, in bulk (the registry's copy)."""
+        events = self._downloads.run(job_id, op, correlation_id, first_id)
+        async for batch in batched(events, linger_s=FLUSH_S):
+            yield batch
+
+    async def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events after ``after``, live, while it runs here."""
+        async for batch in self._downloads.watch(job_id, after):
+            yield batch
 
     async def cancel(
         self, job_id: str, accepted_at: float | None = None

@@ -12,7 +12,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
 from actors.downloads_progress import ProgressMeter
 from actors.errors import DownloadFailed, InvalidRequest
-from actors.events import Event, Narration, Progress, Result
+from actors.events import Event, Narration, Progress, Result, StreamEvent
 from actors.operations import ModelDownload
 from actors.running import Run, Runs
 from actors.transfer import Downloader
@@ -44,10 +44,15 @@ class ModelDownloads:
         self._runs = Runs(clock=clock)
 
     async def run(
-        self, job_id: str, op: ModelDownload, correlation_id: str | None = None
-    ) -> AsyncIterator[Event]:
-        async for event in self._runs.run(job_id, lambda run: self._run(run, op, correlation_id)):
+        self, job_id: str, op: ModelDownload, correlation_id: str | None = None, first_id: int = 1
+    ) -> AsyncIterator[StreamEvent]:
+        async for event in self._runs.run(
+            job_id, lambda run: self._run(run, op, correlation_id), first_id
+        ):
             yield event
+
+    def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:
+        return self._runs.watch(job_id, after)
 
     async def cancel(
         self, job_id: str, accepted_at: float | None = None

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from actors.config import EngineConfig
 from actors.errors import InvalidRequest, ModelLoadFailed
-from actors.events import Event, Narration, Result, Token
+from actors.events import Event, Narration, Result, StreamEvent, Token
 from actors.operations import Infer
 from actors.running import Run, Runs
 
@@ -296,12 +296,17 @@ class EngineWorker:
             pass
 
     async def run(
-        self, job_id: str, op: Infer, correlation_id: str | None = None
-    ) -> AsyncIterator[Event]:
+        self, job_id: str, op: Infer, correlation_id: str | None = None, first_id: int = 1
+    ) -> AsyncIterator[StreamEvent]:
         async for event in self._runs.run(
-            job_id, lambda run: self._generate(job_id, op, run, correlation_id)
+            job_id, lambda run: self._generate(job_id, op, run, correlation_id), first_id
         ):
             yield event
+
+    def watch(
+        self, job_id: str, after: int, linger_s: float = 0.0
+    ) -> AsyncIterator[list[StreamEvent]]:
+        return self._runs.watch(job_id, after, linger_s)
 
     async def _generate(
         self, job_id: str, op: Infer, run: Run, correlation_id: str | None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, Literal
 
 
@@ -58,8 +59,31 @@ Event = Narration | Progress | Token | Result | Error
 EVENT_KINDS = ("narration", "progress", "token", "result", "error")
 
 
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One event of a job and its per-job ``id`` (1, 2, 3, ...: the SSE ``id:``)."""
+
+    id: int
+    event: Event
+
+
 def payload(event: Event) -> dict[str, Any]:
     """The JSON ``data:`` object of an event."""
     if isinstance(event, Result):
         return dict(event.value)
     return asdict(event)
+
+
+_TYPES: dict[str, type[Any]] = {cls.kind: cls for cls in (Narration, Progress, Token, Error)}
+
+
+def event_from(kind: str, data: Mapping[str, Any]) -> Event | None:
+    """The typed event of a ``kind`` and its ``payload`` (None for a kind not known here;
+    fields not known here are ignored, so an older reader takes a newer writer's events)."""
+    if kind == Result.kind:
+        return Result(dict(data))
+    cls = _TYPES.get(kind)
+    if cls is None:
+        return None
+    known = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[no-any-return]

@@ -17,7 +17,7 @@ from actors import logs
 from actors.cache import Catalog
 from actors.config import Config
 from actors.embedded import LOCAL_ID, gguf_path
-from actors.events import Event, Narration, Result
+from actors.events import Event, Narration, Result, StreamEvent
 from actors.operations import (
     HiveStatus,
     ModelDelete,
@@ -27,7 +27,7 @@ from actors.operations import (
     WorkerSpawn,
     WorkerStop,
 )
-from actors.running import Runs
+from actors.running import FLUSH_S, Runs, batched
 from actors.workers import WorkerPool
 
 ACTOR = "hive"
@@ -46,12 +46,19 @@ class Hive:
         self._runs = Runs()
 
     async def run(
-        self, job_id: str, op: Any, correlation_id: str | None = None
-    ) -> AsyncIterator[Event]:
-        async for event in self._runs.run(
-            job_id, lambda run: self._answer(job_id, op, correlation_id)
-        ):
-            yield event
+        self, job_id: str, op: Any, correlation_id: str | None = None, first_id: int = 1
+    ) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events, numbered from ``first_id``, in bulk (the registry's copy)."""
+        events = self._runs.run(
+            job_id, lambda run: self._answer(job_id, op, correlation_id), first_id
+        )
+        async for batch in batched(events, linger_s=FLUSH_S):
+            yield batch
+
+    async def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events after ``after``, live, while it runs here."""
+        async for batch in self._runs.watch(job_id, after):
+            yield batch
 
     async def cancel(self, job_id: str, accepted_at: float | None = None) -> dict[str, Any]:
         await self._runs.cancel(job_id, accepted_at)

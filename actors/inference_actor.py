@@ -14,9 +14,9 @@ from ray.util import metrics
 from actors import logs
 from actors.config import EngineConfig
 from actors.engine import EngineWorker
-from actors.events import Event, Token
+from actors.events import StreamEvent, Token
 from actors.operations import Infer
-from actors.running import batched
+from actors.running import FLUSH_S, batched
 
 
 @ray.remote(max_concurrency=1000)
@@ -41,15 +41,21 @@ class InferenceActor:
         return self.describe()
 
     async def run(
-        self, job_id: str, op: Infer, correlation_id: str | None = None
-    ) -> AsyncIterator[list[Event]]:
-        """The job's events, several per Ray object when tokens come fast."""
-        events_of_job = self._worker.run(job_id, op, correlation_id)
-        async for events in batched(events_of_job, linger_s=self._linger_s):
-            tokens = sum(1 for e in events if isinstance(e, Token))
+        self, job_id: str, op: Infer, correlation_id: str | None = None, first_id: int = 1
+    ) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events, numbered from ``first_id``, in bulk (the registry's copy)."""
+        events = self._worker.run(job_id, op, correlation_id, first_id)
+        async for batch in batched(events, linger_s=FLUSH_S):
+            tokens = sum(1 for e in batch if isinstance(e.event, Token))
             if tokens:
                 self._tokens.inc(tokens, tags={"model": self._worker.model})
-            yield events
+            yield batch
+
+    async def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events after ``after``, live (tokens gathered for ``stream_linger_ms``
+        after the first), while it runs here: the short road to an HTTP response."""
+        async for batch in self._worker.watch(job_id, after, self._linger_s):
+            yield batch
 
     async def cancel(
         self, job_id: str, accepted_at: float | None = None

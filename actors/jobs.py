@@ -10,26 +10,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
 from actors.core import IllegalTransition, JobRecord, JobState, JobTable
 from actors.errors import InternalError, JobCancelled, JobNotFound, RbeeError, rbee_cause
-from actors.events import Error, Event, Narration
+from actors.events import Error, Event, Narration, Result, StreamEvent
 from actors.logs import context
 
 log = logging.getLogger("rbee.jobs")
 
 ACTOR = "registry"
+DRAIN_S = 2.0
+"""How long a stopped job's last events may take to come in before its drive is cut."""
+
+Lease = Callable[[str], Awaitable[int]]
+"""Called by a backend with the name of the actor about to run a job: that actor numbers the
+job's events from the id it returns, until the job's events end."""
 
 
 class Backend(Protocol):
-    def start(self, record: JobRecord, op: Any) -> AsyncIterator[Event]:
-        """Begin the work; iterate for its events."""
+    def start(
+        self, record: JobRecord, op: Any, lease: Lease
+    ) -> AsyncIterator[Event | list[StreamEvent]]:
+        """Begin the work; iterate for its events: the backend's own, one at a time, and the
+        numbered ones of the actor it leased the job to, in lists."""
         ...
 
-    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any]:
-        """Stop running work and wait (briefly) until it has cleaned up.
+    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any] | None:
+        """Stop running work and wait (briefly) until it has cleaned up; None if no actor
+        was running it yet.
 
         ``accepted_at`` (wall clock) is when the cancel was accepted: the worker reports its
         last output relative to it.
@@ -92,23 +102,27 @@ class Jobs:
             record.job_id,
             Narration(ACTOR, "cancel", f"cancel requested while {was.value}", correlation_id=cid),
         )
-        detail = ""
+        detail, stopped = "", None
         if was is JobState.RUNNING:
             try:
-                stats = await asyncio.wait_for(
+                stopped = await asyncio.wait_for(
                     self._backend.stop(record, accepted_at), self._cleanup_s
                 )
-                detail = _describe_stop(stats)
+                detail = _describe_stop(stopped or {})
             except TimeoutError:
                 detail = f"; cleanup did not confirm within {self._cleanup_s:g}s"
             except Exception as exc:  # the worker may have died; the job still ends
                 detail = f"; stop failed: {exc!r}"
         task = self._tasks.get(record.job_id)
         if task is not None and not task.done():
-            task.cancel()
+            if stopped is not None:  # the actor stopped: its last events are on their way
+                await asyncio.wait({task}, timeout=DRAIN_S)
+            if not task.done():
+                task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         if record.state.terminal:
             return False
+        await self.table.release(record.job_id)
         took_ms = (time.monotonic() - accepted) * 1000
         log.info("cancelled in %.0f ms %s", took_ms, context(record.job_id, cid))
         await self.table.emit(
@@ -142,29 +156,41 @@ class Jobs:
     async def _run(self, record: JobRecord, op: Any) -> None:
         if record.cancel_requested or record.state.terminal:
             return
-        await self.table.transition(record.job_id, JobState.RUNNING)
+        job_id = record.job_id
+        await self.table.transition(job_id, JobState.RUNNING)
         failed: dict[str, Any] | None = None
+        result = False
+
+        async def lease(actor: str) -> int:
+            return await self.table.lease(job_id, actor)
+
         try:
-            async for event in self._backend.start(record, op):
-                if record.cancel_requested:
-                    break  # from the cancel on, the cancel path alone speaks for the job
-                if isinstance(event, Error):
-                    failed = {"code": event.code}
-                await self.table.emit(record.job_id, event)
+            try:
+                async for item in self._backend.start(record, op, lease):
+                    for event in (e.event for e in item) if isinstance(item, list) else (item,):
+                        if isinstance(event, Error):
+                            failed = {"code": event.code}
+                        result = result or isinstance(event, Result)
+                    if isinstance(item, list):
+                        await self.table.record_events(job_id, item)
+                    else:
+                        await self.table.emit(job_id, item)
+            finally:
+                await asyncio.shield(self.table.release(job_id))
         except asyncio.CancelledError:
             raise
         except RbeeError as exc:
             if record.cancel_requested:
                 return
             failed = exc.to_dict()
-            await self.table.emit(record.job_id, Error(**failed))
+            await self.table.emit(job_id, Error(**failed))
         except Exception as exc:
             if record.cancel_requested:
                 return
             failed = _unexpected(exc)
-            await self.table.emit(record.job_id, Error(**failed))
-        if record.cancel_requested:
-            return
+            await self.table.emit(job_id, Error(**failed))
+        if record.cancel_requested and (failed or not result):
+            return  # stopped by the cancel, whose path speaks for the job from here
         await self._finish(record, JobState.FAILED if failed else JobState.COMPLETED)
 
     async def _finish(self, record: JobRecord, state: JobState) -> None:

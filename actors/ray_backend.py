@@ -1,7 +1,8 @@
 """How the registry reaches the actors that do the work: find them, start the call, stop it.
 
-Stopping is the design card's cancel: ``ray.cancel`` on the running call plus the
-cooperative flag (the actor's ``cancel``), which also waits for the actor's cleanup.
+Stopping is the actor's ``cancel``: it cancels the job's task there (the cooperative
+flag stops a body between events) and returns once the job has cleaned up. ``ray.cancel``
+of the call is the backstop for an actor that does not answer that in time.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from ray.exceptions import RayActorError
 
 from actors.core import JobRecord
 from actors.errors import InvalidRequest, WorkerDied
-from actors.events import Event, Narration, Result
+from actors.events import Event, Narration, Result, StreamEvent
+from actors.jobs import Lease
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.operations import HiveList, Infer, ModelDownload
 
@@ -26,6 +28,7 @@ log = logging.getLogger("rbee.backend")
 ACTOR = "registry"
 _NODES_TTL_S = 5.0
 _ORPHANS_BOUND_S = 60.0
+_CONFIRM_S = 1.0
 
 
 class RayBackend:
@@ -34,10 +37,14 @@ class RayBackend:
         self._handles: dict[str, Any] = {}
         self._nodes: tuple[float, list[dict[str, Any]]] = (0.0, [])
 
-    def start(self, record: JobRecord, op: Any) -> AsyncIterator[Event]:
-        return self._stream(record, op)
+    def start(
+        self, record: JobRecord, op: Any, lease: Lease
+    ) -> AsyncIterator[Event | list[StreamEvent]]:
+        return self._stream(record, op, lease)
 
-    async def _stream(self, record: JobRecord, op: Any) -> AsyncIterator[Event]:
+    async def _stream(
+        self, record: JobRecord, op: Any, lease: Lease
+    ) -> AsyncIterator[Event | list[StreamEvent]]:
         if isinstance(op, HiveList):
             yield Result({"hives": _hive_list()})
             return
@@ -56,27 +63,30 @@ class RayBackend:
             hive_id = op.hive_id or _default_hive_id()
             name = download_name(hive_id) if isinstance(op, ModelDownload) else hive_name(hive_id)
         actor = self._actor(name)
-        generator = actor.run.remote(record.job_id, op, record.correlation_id)
+        first_id = await lease(name)
+        generator = actor.run.remote(record.job_id, op, record.correlation_id, first_id)
         self._running[record.job_id] = (actor, generator)
         try:
             async for ref in generator:
-                item = await ref
-                for event in item if isinstance(item, list) else (item,):
-                    yield event
+                yield await ref
         except RayActorError as exc:
             self._handles.pop(name, None)  # its name may come back as a new actor
             raise WorkerDied(f"{name} died while running the job: {_first_line(exc)}") from exc
         finally:
             self._running.pop(record.job_id, None)
 
-    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any]:
+    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any] | None:
         running = self._running.get(record.job_id)
         if running is None:
-            return {}
+            return None
         actor, generator = running
-        confirmed = actor.cancel.remote(record.job_id, accepted_at)
-        ray.cancel(generator)
-        result: dict[str, Any] = await confirmed
+        confirmed = asyncio.ensure_future(actor.cancel.remote(record.job_id, accepted_at))
+        try:
+            result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(confirmed), _CONFIRM_S)
+        except TimeoutError:
+            log.warning("%s: no cancel confirmed in %gs: cancelling the call", record.job_id, _CONFIRM_S)
+            ray.cancel(generator)
+            result = await confirmed
         return result
 
     async def stop_orphans(self, job_ids: list[str]) -> None:

@@ -15,8 +15,9 @@ from ray.util import metrics
 
 from actors import logs
 from actors.config import Config
-from actors.core import JobRecord, JobState, JobTable
+from actors.core import JobRecord, JobState, JobTable, Lease
 from actors.errors import JobNotFound
+from actors.events import StreamEvent
 from actors.jobs import Jobs
 from actors.operations import parse_operation
 from actors.ray_backend import RayBackend
@@ -77,12 +78,16 @@ class JobRegistry:
         ]
 
     async def events(
-        self, job_id: str, after: int = 0, poll_s: float = 15.0
-    ) -> tuple[list[tuple[int, str, dict[str, Any]]], str]:
-        """Events after ``after`` (long-polls up to ``poll_s``) and the job's state."""
+        self, job_id: str, after: int = 0, poll_s: float = 15.0, live: int = 0
+    ) -> tuple[list[StreamEvent], str, Lease | None]:
+        """Events after ``after`` (long-polls up to ``poll_s``), the job's state, and the
+        actor whose events a watcher can take live (a lease not yet followed: see
+        ``JobTable.wait_events``)."""
         self._jobs.get(job_id)
-        events, state = await self._jobs.table.wait_events(job_id, after, poll_s)
-        return [(e.seq, e.kind, e.data) for e in events], state.value
+        events, state, lease = await self._jobs.table.wait_events(
+            job_id, after, poll_s, live=live
+        )
+        return events, state.value, lease
 
     async def cancel(self, job_id: str, correlation_id: str | None = None) -> bool:
         started = time.monotonic()

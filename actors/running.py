@@ -1,4 +1,9 @@
-"""Jobs running inside one actor: their asyncio tasks, and a cancel that waits for cleanup.
+"""Jobs running inside one actor: their asyncio tasks, their live events, and a cancel that
+waits for cleanup.
+
+Each run numbers its events from the id the registry gave it and keeps them in a feed that
+watchers read live (``watch``: the short road from the actor to an HTTP response); the
+registry takes the same events in bulk for replay.
 
 A cancel may arrive before the job's call does (Ray does not order calls from different
 callers), or for a job this actor never runs (a restarted registry stops its orphans
@@ -10,11 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from actors.events import Event
+from actors.events import Event, StreamEvent
+
+FEED_EVENTS = 10_000
+"""The most events a run keeps for watchers; one who falls further behind reads the registry."""
+FEED_KEPT_S = 5.0
+"""How long a finished run's feed stays for watchers still reading its tail."""
+FLUSH_S = 0.1
+"""How long an actor gathers a job's events before sending them to the registry."""
+ARRIVAL_WAIT_S = 10.0
+"""How long a watcher waits for a run whose call has not reached the actor yet."""
 
 
 @dataclass
@@ -23,12 +37,32 @@ class Run:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled_at: float | None = None
     last_output: float | None = None  #: when the job last wrote a byte or made a token
+    first_id: int = 1
+    last_id: int = 0  #: the id of its latest event (``first_id - 1`` before any)
+    feed: deque[StreamEvent] = field(default_factory=lambda: deque(maxlen=FEED_EVENTS))
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def output_after_cancel_s(self) -> float | None:
         """When the last output came, relative to the cancel (negative: before it)."""
         if self.last_output is None or self.cancelled_at is None:
             return None
         return self.last_output - self.cancelled_at
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def after(self, seq: int) -> list[StreamEvent] | None:
+        """The feed's events after ``seq``; None if some of them were dropped already."""
+        feed = self.feed
+        if seq >= self.last_id:
+            return []
+        if not feed or feed[0].id > seq + 1:
+            return None
+        start = seq + 1 - feed[0].id
+        return [feed[i] for i in range(start, len(feed))]
 
 
 class Runs:
@@ -38,31 +72,87 @@ class Runs:
         self._running: dict[str, Run] = {}
         self._finished: OrderedDict[str, Run] = OrderedDict()
         self._early: OrderedDict[str, Run] = OrderedDict()  #: cancelled before they came
+        self._arrivals: dict[str, asyncio.Future[Run]] = {}  #: watched before they came
 
     def __len__(self) -> int:
         return len(self._running)
 
     async def run(
-        self, job_id: str, body: Callable[[Run], AsyncGenerator[Event, None]]
-    ) -> AsyncGenerator[Event, None]:
-        """Iterate ``body(run)`` as job ``job_id``, so ``cancel(job_id)`` can stop it."""
+        self,
+        job_id: str,
+        body: Callable[[Run], AsyncGenerator[Event, None]],
+        first_id: int = 1,
+    ) -> AsyncGenerator[StreamEvent, None]:
+        """Iterate ``body(run)`` as job ``job_id``, its events numbered from ``first_id``,
+        so ``cancel(job_id)`` can stop it and ``watch(job_id)`` can follow it."""
         early = self._early.pop(job_id) if job_id in self._early else Run()
         run = self._running.setdefault(job_id, early)
         run.task = asyncio.current_task()
+        run.first_id, run.last_id = first_id, first_id - 1
+        arrival = self._arrivals.pop(job_id, None)
+        if arrival is not None and not arrival.done():
+            arrival.set_result(run)
         events = body(run)
+        seq = first_id - 1
         try:
             if run.cancelled_at is not None:
                 raise asyncio.CancelledError
             async for event in events:
                 if run.cancelled_at is not None:  # the cooperative flag, checked per event
                     raise asyncio.CancelledError
-                yield event
+                seq += 1
+                numbered = StreamEvent(seq, event)
+                run.feed.append(numbered)
+                run.last_id = seq
+                if run.waiters:
+                    run.wake()
+                yield numbered
         finally:
             await events.aclose()  # runs the body's cleanup now, not at garbage collection
             run.done.set()
+            run.wake()
             self._finished[job_id] = self._running.pop(job_id, run)
             while len(self._finished) > self._remember:
                 self._finished.popitem(last=False)
+            asyncio.get_running_loop().call_later(FEED_KEPT_S, run.feed.clear)
+
+    async def watch(
+        self, job_id: str, after: int, linger_s: float = 0.0
+    ) -> AsyncGenerator[list[StreamEvent], None]:
+        """The job's events after ``after`` as they come, in lists of what piled up (and,
+        after the first, of what came within ``linger_s``), until its run ends here.
+
+        Ends early, without error, when this actor cannot give them all (the run never
+        came, or ``after`` is older than its feed): the watcher reads the registry then.
+        """
+        run = self._running.get(job_id) or self._finished.get(job_id)
+        if run is None:
+            if job_id in self._early:
+                return
+            arrival = self._arrivals.setdefault(job_id, asyncio.get_running_loop().create_future())
+            try:
+                run = await asyncio.wait_for(asyncio.shield(arrival), ARRIVAL_WAIT_S)
+            except TimeoutError:
+                self._arrivals.pop(job_id, None)
+                return
+        cursor, first = after, True
+        while True:
+            events = run.after(cursor)
+            if events is None:
+                return
+            if events:
+                if not first and linger_s > 0 and not run.done.is_set():
+                    await _until(run.done, linger_s)
+                    events = run.after(cursor) or events
+                first = False
+                cursor = events[-1].id
+                yield events
+                continue
+            if run.done.is_set():
+                return
+            waiter = asyncio.get_running_loop().create_future()
+            run.waiters.append(waiter)
+            await waiter
 
     def touch(self, run: Run) -> None:
         run.last_output = self._clock()
@@ -77,6 +167,9 @@ class Runs:
             run = self._early.setdefault(job_id, Run())
             while len(self._early) > self._remember:
                 self._early.popitem(last=False)
+            arrival = self._arrivals.pop(job_id, None)
+            if arrival is not None and not arrival.done():
+                arrival.cancel()
         if run.cancelled_at is None:
             run.cancelled_at = accepted_at or self._clock()
         if run.task is not None:
@@ -85,19 +178,29 @@ class Runs:
         return run
 
 
+async def _until(event: asyncio.Event, timeout_s: float) -> None:
+    """Wait for ``event``, at most ``timeout_s``."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        pass
+
+
 _END = object()
 
 
 async def batched(
-    events: AsyncGenerator[Event, None], *, linger_s: float = 0.0, max_items: int = 512
-) -> AsyncGenerator[list[Event], None]:
-    """The same events, in lists: whatever piled up, gathered for ``linger_s`` after the first.
+    events: AsyncGenerator[StreamEvent, None], *, linger_s: float = 0.0, max_items: int = 4096
+) -> AsyncGenerator[list[StreamEvent], None]:
+    """The same events, in lists: whatever piled up, gathered for ``linger_s`` after the first
+    (the end of the events cuts the wait short).
 
-    Each item a Ray streaming call yields costs an object, a report to its owner and, down
-    the line, a long poll and an HTTP write; on a machine whose cores the engine keeps busy
-    that per-item cost comes out of decoding. Gathering trades a few ms of latency for it.
+    Each item a Ray streaming call yields costs an object and a report to its owner; the
+    registry takes a job's events this way, in bulk, off the path of its tokens. Events
+    gathered when the iteration fails are yielded before the failure is raised.
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
+    ended = asyncio.Event()
 
     async def pump() -> None:
         try:
@@ -108,20 +211,23 @@ async def batched(
             raise
         finally:
             queue.put_nowait(_END)
+            ended.set()
 
     task = asyncio.create_task(pump())
     try:
         while True:
-            batch: list[Event] = []
+            batch: list[StreamEvent] = []
             item = await queue.get()
             if linger_s > 0 and item is not _END and not isinstance(item, BaseException):
-                await asyncio.sleep(linger_s)
+                await _until(ended, linger_s)
             while True:
                 if item is _END:
                     if batch:
                         yield batch
                     return
                 if isinstance(item, BaseException):
+                    if batch:
+                        yield batch
                     raise item
                 batch.append(item)  # type: ignore[arg-type]
                 if queue.empty() or len(batch) >= max_items:

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from actors.core import JobRecord, JobState, LoggedEvent
+from actors.core import JobRecord, JobState
 from actors.errors import RbeeError, WorkerDied
+from actors.events import Error, StreamEvent, event_from, payload
 
 log = logging.getLogger("rbee.store")
 
@@ -36,7 +37,7 @@ LOCK = "jobs.lock"
 _FIELDS = ("job_id", "operation", "correlation_id", "state", "created_at")
 _OPTIONAL = ("started_at", "finished_at", "progress", "result", "error")
 
-Saved = tuple[dict[str, Any], list[LoggedEvent]]
+Saved = tuple[dict[str, Any], list[StreamEvent]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +68,13 @@ class JobStore:
         """The journal, or None when this store remembers nothing."""
         return self._path
 
-    def save(self, record: JobRecord, events: list[LoggedEvent]) -> None:
+    def save(self, record: JobRecord, events: list[StreamEvent]) -> None:
         """Append the job's current record (and its events); never raises on a disk error."""
         if self._path is None:
             return
         entry = {
             "record": {**record.to_dict(), "request": record.request},
-            "events": [[e.seq, e.kind, e.data] for e in events],
+            "events": [_line(e) for e in events],
         }
         data = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
         try:
@@ -254,7 +255,9 @@ def _parse(line: bytes) -> Saved | None:
         for seq, kind, data in raw_events:
             if not isinstance(seq, int) or not isinstance(kind, str) or not isinstance(data, dict):
                 return None
-            events.append(LoggedEvent(seq, kind, data))
+            event = event_from(kind, data)
+            if event is not None:
+                events.append(StreamEvent(seq, event))
     except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError too
         return None
     return record, events
@@ -268,14 +271,18 @@ def _newest(latest: OrderedDict[str, Saved], keep: int) -> list[Saved]:
 
 
 def _end(
-    record: dict[str, Any], events: list[LoggedEvent], state: JobState, error: RbeeError
+    record: dict[str, Any], events: list[StreamEvent], state: JobState, error: RbeeError
 ) -> None:
-    next_seq = events[-1].seq + 1 if events else 1
-    events.append(LoggedEvent(next_seq, "error", error.to_dict()))
+    next_seq = events[-1].id + 1 if events else 1
+    events.append(StreamEvent(next_seq, Error(**error.to_dict())))
     record.update(state=state.value, error=error.to_dict())
     record["finished_at"] = record["finished_at"] or time.time()
 
 
-def _dumps(record: dict[str, Any], events: list[LoggedEvent]) -> str:
-    entry = {"record": record, "events": [[e.seq, e.kind, e.data] for e in events]}
+def _dumps(record: dict[str, Any], events: list[StreamEvent]) -> str:
+    entry = {"record": record, "events": [_line(e) for e in events]}
     return json.dumps(entry, separators=(",", ":")) + "\n"
+
+
+def _line(logged: StreamEvent) -> list[Any]:
+    return [logged.id, logged.event.kind, payload(logged.event)]

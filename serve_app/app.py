@@ -23,6 +23,8 @@ from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
 from serve_app.errors import EXCEPTION_HANDLERS, error_body
 from serve_app.jobstream import (
+    End,
+    Idle,
     Item,
     JobStream,
     correlation_id,
@@ -189,11 +191,11 @@ class Api:
 
 
 def _wire(item: Item) -> str:
-    if item.kind == "idle":
+    if isinstance(item, Idle):
         return sse.KEEPALIVE
-    if item.kind == "end":
-        return sse.sentinel(item.data["state"], item.data["error"])
-    return sse.event(item.seq, item.kind, item.data)
+    if isinstance(item, End):
+        return sse.sentinel(item.state, item.error)
+    return sse.event(item)
 
 
 def _last_event_id(request: Request) -> int:

@@ -51,17 +51,16 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from actors.errors import JobCancelled, RbeeError, error_class
-from actors.events import Error, Event, Narration, Progress, Result, Token, payload
+from actors.events import Error, Result, StreamEvent, event_from, payload
 
 DEFAULT_URL = "http://127.0.0.1:7835"
 
-_EVENT_TYPES: dict[str, type[Any]] = {cls.kind: cls for cls in (Narration, Progress, Token, Error)}
 _STATUS_CODES = {
     400: "INVALID_JSON",
     401: "UNAUTHORIZED",
@@ -118,24 +117,8 @@ def operation(name: str, **fields: Any) -> dict[str, Any]:
     return {"operation": name, **{k: v for k, v in fields.items() if v is not None}}
 
 
-def parse_event(kind: str, data: Mapping[str, Any]) -> Event | None:
-    """The typed event of one SSE ``event:``/``data:`` pair (None for a kind this client
-    does not know; fields it does not know are ignored)."""
-    if kind == Result.kind:
-        return Result(dict(data))
-    cls = _EVENT_TYPES.get(kind)
-    if cls is None:
-        return None
-    known = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in data.items() if k in known})  # type: ignore[no-any-return]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEvent:
-    """One event of a job's stream and its per-job ``id`` (1, 2, 3, ...)."""
-
-    id: int
-    event: Event
+parse_event = event_from
+"""The typed event of one SSE ``event:``/``data:`` pair (see ``actors.events.event_from``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,11 +13,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray.exceptions import RayActorError, RayError, TaskCancelledError
 from starlette.requests import Request
 
 from actors.config import Config
-from actors.core import JobState
+from actors.core import JobState, Lease
 from actors.errors import (
     BodyTooLarge,
     JobNotFound,
@@ -28,6 +29,8 @@ from actors.errors import (
     error_class,
     rbee_cause,
 )
+from actors.events import Result, StreamEvent
+from actors.naming import NAMESPACE
 
 log = logging.getLogger("rbee.jobstream")
 
@@ -74,12 +77,20 @@ async def read(make: Callable[[], Any], wait_s: float = READ_WAIT_S) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class Item:
-    """One event of a job, or (``kind == "end"``) its end: ``data`` has state and error."""
+class End:
+    """The end of a job's stream: its final state and, if it failed, its error."""
 
-    seq: int
-    kind: str
-    data: dict[str, Any]
+    state: str
+    error: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Idle:
+    """Nothing new within the keep-alive period."""
+
+
+IDLE = Idle()
+Item = StreamEvent | End | Idle
 
 
 class JobStream:
@@ -87,6 +98,7 @@ class JobStream:
         self.config = config
         self.registry = registry
         self._delivering: set[asyncio.Task[None]] = set()
+        self._handles: dict[str, Any] = {}
 
     async def read_json(self, request: Request) -> Any:
         """The body as strict JSON (``parse_json``), refusing bodies over the limit before
@@ -109,9 +121,13 @@ class JobStream:
         return str(record["job_id"])
 
     async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[list[Item]]:
-        """The job's events after ``after``, live, in batches, then one ``end`` item.
+        """The job's events after ``after``, live, in lists, then its ``End``.
 
-        A poll that finds nothing within the keep-alive period yields an ``idle`` item.
+        Events come from the registry, except while an actor runs the job: they are then
+        taken from that actor as they are made (``watch``), and the registry, which gets
+        them in bulk, is asked again once the actor's part is over (or if it cannot serve
+        them). An ``Idle`` marks each keep-alive period without news.
+
         A registry that dies mid-stream is waited for (keep-alives go on meanwhile): it comes
         back with the job ended (a job it was running fails ``WORKER_DIED``), and the stream
         ends with that. One that does not come back within ``REGISTRY_BACK_S`` ends it
@@ -119,9 +135,12 @@ class JobStream:
         """
         poll_s = self.config.server.keepalive_s
         lost_at: float | None = None
+        live = 0  #: the first id of the lease last followed live
         while True:
             try:
-                events, state = await remote(self.registry.events.remote(job_id, after, poll_s))
+                events, state, lease = await remote(
+                    self.registry.events.remote(job_id, after, poll_s, live)
+                )
                 if state in TERMINAL and len(events) < _PAGE:
                     record = await remote(self.registry.job.remote(job_id))
             except RayActorError as exc:
@@ -129,40 +148,95 @@ class JobStream:
                 lost_at = now if lost_at is None else lost_at
                 if now - lost_at > REGISTRY_BACK_S:
                     log.error("the registry did not come back for %s: %r", job_id, exc)
-                    yield [_lost(after, "the job registry died and did not come back")]
+                    yield [_lost("the job registry died and did not come back")]
                     return
                 await asyncio.sleep(_RETRY_S)
-                yield [Item(after, "idle", {})]
+                yield [IDLE]
                 continue
             except JobNotFound:
                 if lost_at is None:
                     raise
-                yield [_lost(after, "the job registry restarted without this job")]
+                yield [_lost("the job registry restarted without this job")]
                 return
             lost_at = None
-            batch = [Item(seq, kind, data) for seq, kind, data in events]
-            if batch:
-                after = batch[-1].seq
-            elif state not in TERMINAL:
-                batch.append(Item(after, "idle", {}))
+            batch: list[Item] = list(events)
+            if events:
+                after = events[-1].id
             if state in TERMINAL and len(events) < _PAGE:
-                batch.append(Item(after, "end", {"state": state, "error": record["error"]}))
+                batch.append(End(state, record["error"]))
                 yield batch
                 return
-            yield batch
+            if lease is not None and lease.first_id > live and after >= lease.first_id - 1:
+                live = lease.first_id
+                if batch:
+                    yield batch
+                async for taken in self._watch(lease, job_id, after, poll_s):
+                    if taken:
+                        after = taken[-1].id
+                        yield list(taken)
+                    else:
+                        yield [IDLE]
+                continue
+            yield batch or [IDLE]
+
+    async def _watch(
+        self, lease: Lease, job_id: str, after: int, idle_s: float
+    ) -> AsyncIterator[list[StreamEvent]]:
+        """The job's events from the actor running it, live, until its part is over; an
+        empty list for each ``idle_s`` without any. Ends quietly if the actor cannot give
+        them (it is gone, or the watcher is too far behind): the registry has them all."""
+        try:
+            actor = await self._actor(lease.actor)
+        except ValueError:
+            return
+        stream = actor.watch.remote(job_id, after)
+        queue: asyncio.Queue[list[StreamEvent] | None] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for ref in stream:
+                    queue.put_nowait(await ref)
+            except RayError as exc:
+                log.info("live events of %s from %s ended: %r", job_id, lease.actor, exc)
+                self._handles.pop(lease.actor, None)
+            finally:
+                queue.put_nowait(None)
+
+        pumping = asyncio.get_running_loop().create_task(pump())
+        try:
+            while True:
+                try:
+                    taken = await asyncio.wait_for(queue.get(), idle_s)
+                except TimeoutError:
+                    yield []
+                    continue
+                if taken is None:
+                    return
+                yield taken
+        finally:
+            if not pumping.done():
+                pumping.cancel()
+                ray.cancel(stream)
+
+    async def _actor(self, name: str) -> Any:
+        """An actor's handle by name, looked up once (the lookup blocks: off the loop)."""
+        handle = self._handles.get(name)
+        if handle is None:
+            handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+            self._handles[name] = handle
+        return handle
 
     async def result(self, job_id: str) -> dict[str, Any]:
         """Wait for the job; its result, or its error raised as ours."""
         result: dict[str, Any] = {}
         async for batch in self.follow(job_id):
             for item in batch:
-                if item.kind == "result":
-                    result = item.data
-                elif item.kind == "end":
-                    error = item.data["error"]
-                    if item.data["state"] != JobState.COMPLETED.value and error:
-                        cls = error_class(error["code"]) or RbeeError
-                        raise cls(error["message"])
+                if isinstance(item, StreamEvent) and isinstance(item.event, Result):
+                    result = item.event.value
+                elif isinstance(item, End):
+                    if item.state != JobState.COMPLETED.value and item.error:
+                        cls = error_class(item.error["code"]) or RbeeError
+                        raise cls(item.error["message"])
         return result
 
     def cancel_soon(self, job_id: str, cid: str | None = None) -> None:
@@ -196,9 +270,9 @@ class JobStream:
         return list(await remote(self.registry.models.remote()))
 
 
-def _lost(after: int, message: str) -> Item:
+def _lost(message: str) -> End:
     error = {"code": WorkerDied.code, "message": message, "retriable": True}
-    return Item(after, "end", {"state": JobState.FAILED.value, "error": error})
+    return End(JobState.FAILED.value, error)
 
 
 def parse_json(raw: bytes) -> Any:

@@ -17,6 +17,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from actors.errors import InvalidRequest, RbeeError
+from actors.events import Error, Result, StreamEvent, Token
 from serve_app.jobstream import JobStream
 
 log = logging.getLogger("rbee.openai")
@@ -151,14 +152,16 @@ class OpenAi:
         async for batch in self._jobs.follow(job_id):
             out = []
             for item in batch:
-                if item.kind == "token":
-                    out.append(_sse(chunks.delta(item.data["text"])))
-                elif item.kind == "result":
-                    usage = item.data.get("usage")
-                    out.append(_sse(chunks.last(item.data.get("finish_reason"), usage)))
-                elif item.kind == "error":
-                    error = {"code": item.data["code"], "message": item.data["message"]}
-                    out.append(_sse({"error": error}))
+                if not isinstance(item, StreamEvent):
+                    continue
+                event = item.event
+                if isinstance(event, Token):
+                    out.append(_sse(chunks.delta(event.text)))
+                elif isinstance(event, Result):
+                    usage = event.value.get("usage")
+                    out.append(_sse(chunks.last(event.value.get("finish_reason"), usage)))
+                elif isinstance(event, Error):
+                    out.append(_sse({"error": {"code": event.code, "message": event.message}}))
             if out:
                 yield "".join(out)
         yield "data: [DONE]\n\n"

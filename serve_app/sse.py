@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from actors.events import StreamEvent, payload
+
 KEEPALIVE = ": keep-alive\n\n"
 
 
-def event(seq: int, kind: str, data: dict[str, Any]) -> str:
-    return f"id: {seq}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+def event(item: StreamEvent) -> str:
+    data = json.dumps(payload(item.event), separators=(",", ":"))
+    return f"id: {item.id}\nevent: {item.event.kind}\ndata: {data}\n\n"
 
 
 def sentinel(state: str, error: dict[str, Any] | None) -> str:

@@ -32,7 +32,7 @@ from actors.errors import (
     Unauthorized,
     rbee_cause,
 )
-from actors.events import Error, Narration, Progress, Result, Token, payload
+from actors.events import Error, Narration, Progress, Result, Token
 from serve_app import sse
 from serve_app.client import (
     AsyncClient,
@@ -101,7 +101,7 @@ EVENTS = [
 
 
 def _wire(events, sentinel: str = "data: [DONE]\n\n") -> str:
-    body = "".join(sse.event(i, e.kind, payload(e)) for i, e in enumerate(events, 1))
+    body = "".join(sse.event(StreamEvent(i, e)) for i, e in enumerate(events, 1))
     return sse.KEEPALIVE + body + sentinel
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from actors import errors
 from actors.core import ALLOWED, EventLog, IllegalTransition, JobState, JobTable
-from actors.events import Error, Narration, Progress, Result, Token
+from actors.events import Error, Narration, Progress, Result, Token, payload
 
 
 def test_terminal_states_allow_nothing():
@@ -34,8 +34,8 @@ def test_event_log_is_bounded_and_keeps_counting():
     for i in range(5):
         log.append(Token(text=str(i), index=i + 1))
     kept = log.after(0)
-    assert [e.seq for e in kept] == [3, 4, 5]
-    assert log.after(4)[0].data == {"text": "4", "index": 5}
+    assert [e.id for e in kept] == [3, 4, 5]
+    assert payload(log.after(4)[0].event) == {"text": "4", "index": 5}
 
 
 async def test_emit_updates_record_and_is_dropped_after_terminal():
@@ -46,12 +46,13 @@ async def test_emit_updates_record_and_is_dropped_after_terminal():
     await table.transition(record.job_id, JobState.RUNNING)
     await table.emit(record.job_id, Error("DOWNLOAD_FAILED", "x", True))
     await table.transition(record.job_id, JobState.FAILED)
-    assert await table.emit(record.job_id, Narration("a", "b", "late")) is None
+    await table.emit(record.job_id, Narration("a", "b", "late"))
+    assert len(table.events(record.job_id)) == 3
     assert record.progress["bytes_done"] == 1
     assert record.result == {"ok": True}
     assert record.error == {"code": "DOWNLOAD_FAILED", "message": "x", "retriable": True}
-    events, state = await table.wait_events(record.job_id, 0, poll_s=0.01)
-    assert [e.kind for e in events] == ["progress", "result", "error"]
+    events, state, _ = await table.wait_events(record.job_id, 0, poll_s=0.01)
+    assert [e.event.kind for e in events] == ["progress", "result", "error"]
     assert state is JobState.FAILED
 
 
@@ -64,9 +65,9 @@ async def test_wait_events_wakes_on_new_event():
         await table.emit(record.job_id, Narration("t", "x", "hello"))
 
     task = asyncio.create_task(later())
-    events, _ = await asyncio.wait_for(table.wait_events(record.job_id, 0, poll_s=5), 2)
+    events, _, _ = await asyncio.wait_for(table.wait_events(record.job_id, 0, poll_s=5), 2)
     await task
-    assert [e.data["message"] for e in events] == ["hello"]
+    assert [payload(e.event)["message"] for e in events] == ["hello"]
 
 
 async def test_list_is_newest_first_and_filters():

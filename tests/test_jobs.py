@@ -9,7 +9,7 @@ import pytest
 
 from actors.core import JobState, JobTable
 from actors.errors import DownloadFailed, JobNotFound
-from actors.events import Narration, Progress, Result
+from actors.events import Narration, Progress, Result, payload
 from actors.jobs import Jobs
 
 
@@ -30,7 +30,7 @@ class LocalBackend:
         self.tasks: dict[str, asyncio.Task] = {}
         self.gate = asyncio.Event()
 
-    async def start(self, record, op):
+    async def start(self, record, op, lease):
         self.started.append(record.job_id)
         self.tasks[record.job_id] = asyncio.current_task()
         for i in range(op.steps):
@@ -98,12 +98,12 @@ async def test_the_limit_queues_and_a_cancelled_queued_job_never_starts(jobs, ba
     await _until(lambda: first.state.terminal)
     await asyncio.sleep(0.02)
     assert backend.started == [first.job_id]
-    kinds = [e.kind for e in jobs.table.events(second.job_id)]
+    kinds = [e.event.kind for e in jobs.table.events(second.job_id)]
     assert kinds == ["narration", "narration", "error"]
     cancel, complete, error = jobs.table.events(second.job_id)
-    assert (cancel.data["action"], complete.data["action"]) == ("cancel", "cancel_complete")
-    assert cancel.data["correlation_id"] == complete.data["correlation_id"] == "cancel-cid"
-    assert error.data["code"] == "CANCELLED"
+    assert (payload(cancel.event)["action"], payload(complete.event)["action"]) == ("cancel", "cancel_complete")
+    assert payload(cancel.event)["correlation_id"] == payload(complete.event)["correlation_id"] == "cancel-cid"
+    assert payload(error.event)["code"] == "CANCELLED"
 
 
 async def test_cancel_of_a_running_job_stops_the_backend(jobs, backend):
@@ -113,10 +113,10 @@ async def test_cancel_of_a_running_job_stops_the_backend(jobs, backend):
     assert backend.stopped == [record.job_id]
     assert record.state is JobState.CANCELLED
     complete = [
-        e for e in jobs.table.events(record.job_id) if e.data.get("action") == "cancel_complete"
+        e for e in jobs.table.events(record.job_id) if payload(e.event).get("action") == "cancel_complete"
     ]
-    assert "last byte written -10 ms after the cancel" in complete[0].data["message"]
-    assert jobs.table.events(record.job_id)[-1].data["code"] == "CANCELLED"
+    assert "last byte written -10 ms after the cancel" in payload(complete[0].event)["message"]
+    assert payload(jobs.table.events(record.job_id)[-1].event)["code"] == "CANCELLED"
 
 
 async def test_concurrent_cancels_share_one_and_later_ones_say_finished(jobs, backend):
@@ -126,7 +126,7 @@ async def test_concurrent_cancels_share_one_and_later_ones_say_finished(jobs, ba
     assert results == [True] * 5
     assert backend.stopped == [record.job_id]
     assert await jobs.cancel(record.job_id) is False
-    actions = [e.data.get("action") for e in jobs.table.events(record.job_id)]
+    actions = [payload(e.event).get("action") for e in jobs.table.events(record.job_id)]
     assert actions.count("cancel") == 1 and actions.count("cancel_complete") == 1
 
 
@@ -144,7 +144,7 @@ async def test_no_event_after_the_terminal_one(jobs, backend):
     count = len(jobs.table.events(record.job_id))
     await asyncio.sleep(0.05)
     assert len(jobs.table.events(record.job_id)) == count
-    assert jobs.table.events(record.job_id)[-1].kind == "error"
+    assert jobs.table.events(record.job_id)[-1].event.kind == "error"
 
 
 async def test_a_stop_that_hangs_still_ends_the_job(backend):
@@ -157,18 +157,18 @@ async def test_a_stop_that_hangs_still_ends_the_job(backend):
     await _until(lambda: record.state is JobState.RUNNING)
     assert await jobs.cancel(record.job_id) is True
     message = [
-        e.data["message"] for e in jobs.table.events(record.job_id) if e.kind == "narration"
+        payload(e.event)["message"] for e in jobs.table.events(record.job_id) if e.event.kind == "narration"
     ][-1]
     assert "did not confirm" in message
     assert record.state is JobState.CANCELLED
 
 
 async def test_narration_passes_through(jobs, backend):
-    async def talk(record, op):
+    async def talk(record, op, lease):
         yield Narration("a", "b", "hello")
 
     backend.start = talk
     record = jobs.submit(Op("other"), {}, "cid")
     await _until(lambda: record.state.terminal)
     assert record.state is JobState.COMPLETED
-    assert jobs.table.events(record.job_id)[0].data["message"] == "hello"
+    assert payload(jobs.table.events(record.job_id)[0].event)["message"] == "hello"

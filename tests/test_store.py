@@ -38,7 +38,7 @@ async def test_finished_jobs_come_back_with_their_events(tmp_path):
         again.restore(saved, events)
     back = again.get(record.job_id)
     assert back is not None and back.to_dict() == record.to_dict()
-    assert [e.kind for e in again.events(record.job_id)] == ["narration", "result"]
+    assert [e.event.kind for e in again.events(record.job_id)] == ["narration", "result"]
     new = await again.emit(record.job_id, Narration("x", "y", "after"))
     assert new is None  # terminal jobs stay as they were
 
@@ -50,7 +50,7 @@ async def test_unfinished_jobs_are_failed_as_worker_died(tmp_path):
     saved, events = JobStore(tmp_path).load()[0]
     assert saved["state"] == "failed"
     assert saved["error"]["code"] == "WORKER_DIED"
-    assert events[-1].kind == "error" and events[-1].seq == 1
+    assert events[-1].event.kind == "error" and events[-1].id == 1
 
 
 async def test_load_compacts_and_skips_garbage(tmp_path):
@@ -89,7 +89,7 @@ async def test_every_job_within_keep_survives_and_the_journal_stays_bounded(tmp_
     assert ids == [running.job_id, *(r.job_id for r in finished[-5:])]  # oldest first
     for (saved, events), record in zip(back[1:], finished[-5:], strict=True):
         assert saved == {**record.to_dict(), "request": record.request}
-        assert [e.kind for e in events] == ["result"]
+        assert [e.event.kind for e in events] == ["result"]
     assert back[0][0]["state"] == "failed" and back[0][0]["error"]["code"] == "WORKER_DIED"
 
 
@@ -164,4 +164,4 @@ async def test_settle_ends_the_unfinished_jobs_of_a_registry_that_went_away(tmp_
     assert back[done.job_id][0]["state"] == "completed"
     saved, events = back[running.job_id]
     assert saved["state"] == "cancelled" and saved["error"]["code"] == "CANCELLED"
-    assert saved["finished_at"] is not None and events[-1].kind == "error"
+    assert saved["finished_at"] is not None and events[-1].event.kind == "error"
