@@ -137,7 +137,7 @@ def fast_path(ingress: str) -> Iterator[bool]:
     if ingress != "haproxy":
         yield False
         return
-    workdir = Path(tempfile.mkdtemp(prefix="rbee-"))
+    workdir = _workdir()
     stack = ExitStack()
     try:
         ports = stack.enter_context(reserve_ports())
@@ -154,6 +154,20 @@ def fast_path(ingress: str) -> Iterator[bool]:
     finally:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _workdir() -> Path:
+    """A new folder for HAProxy's files. Ray puts HAProxy's admin socket two levels below
+    it (``<folder>/<56 hex digits>/admin.sock``) and HAProxy refuses a socket path over 97
+    bytes: under a deep temporary folder (a long ``TMPDIR``) it goes in /tmp instead."""
+    base = tempfile.gettempdir()
+    if len(base) + len("/rbee-12345678") + _SOCKET_TAIL > _SOCKET_PATH_MAX:
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="rbee-", dir=base))
+
+
+_SOCKET_PATH_MAX = 97
+_SOCKET_TAIL = len("/") + 56 + len("/admin.sock")
 
 
 @contextmanager

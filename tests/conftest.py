@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +15,15 @@ import pytest
 from tests.fakehub import FakeHub
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+# The session's processes (Ray's workers, engines, the servers tests start) put their
+# sockets and scratch files (vLLM's IPC sockets, multiprocessing's folders) in a folder of
+# the session's own, removed at its end. pytest's own folders stay where they were: Ray's
+# socket paths under them must stay short.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+_SESSION_TMP = tempfile.mkdtemp(prefix="rbee-tests-")
+os.environ["TMPDIR"] = _SESSION_TMP
+tempfile.tempdir = None
 
 #: The session hive's hub token: sent to the fake hub, and looked for where it must never be.
 HUB_TOKEN = "hf_rbeeSessionToken7f3a91c2"
@@ -73,20 +84,25 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
         "_temp_dir": str(ray_dir),
         "log_to_driver": False,
     }
-    shm_before = _shm_segments()
-    try:
-        with Hive.start(config=config, ray_init=ray_init) as running:
-            yield running
-    finally:
-        # Engines are shut down with the hive; a crashed one can leave vLLM's shared-memory
-        # segments behind. Every process of the session is gone now: remove the ones it made.
-        for path in _shm_segments() - shm_before:
-            path.unlink(missing_ok=True)
+    with Hive.start(config=config, ray_init=ray_init) as running:
+        yield running
 
 
-def _shm_segments() -> set[Path]:
+@pytest.fixture(scope="session", autouse=True)
+def _leftovers() -> Iterator[None]:
+    """Engines are shut down with their hive or server; one killed on purpose can leave
+    vLLM's shared-memory segments and multiprocessing's semaphores behind. Once every
+    process of the session is gone, the ones it made are removed, and its scratch folder."""
+    before = _shm_files()
+    yield
+    for path in _shm_files() - before:
+        path.unlink(missing_ok=True)
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+def _shm_files() -> set[Path]:
     shm = Path("/dev/shm")
-    return set(shm.glob("psm_*")) if shm.is_dir() else set()
+    return set(shm.glob("psm_*")) | set(shm.glob("sem.mp-*")) if shm.is_dir() else set()
 
 
 @pytest.fixture
