@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from actors.events import Event, StreamEvent
+from actors.events import Event, StreamEvent, Token
 
 FEED_EVENTS = 10_000
 """The most events a run keeps for watchers; one who falls further behind reads the registry."""
@@ -119,8 +119,10 @@ class Runs:
     async def watch(
         self, job_id: str, after: int, linger_s: float = 0.0
     ) -> AsyncGenerator[list[StreamEvent], None]:
-        """The job's events after ``after`` as they come, in lists of what piled up (and,
-        after the first, of what came within ``linger_s``), until its run ends here.
+        """The job's events after ``after`` as they come, in lists of what piled up, until
+        its run ends here. Tokens go at most one list per ``linger_s`` (as ``batched``), the
+        first at once; other events are not held back (a narration before the first token
+        does not delay it).
 
         Ends early, without error, when this actor cannot give them all (the run never
         came, or ``after`` is older than its feed): the watcher reads the registry then.
@@ -135,17 +137,20 @@ class Runs:
             except TimeoutError:
                 self._arrivals.pop(job_id, None)
                 return
-        cursor, first = after, True
+        clock = asyncio.get_running_loop().time
+        cursor, last = after, -linger_s
         while True:
             events = run.after(cursor)
             if events is None:
                 return
             if events:
-                if not first and linger_s > 0 and not run.done.is_set():
-                    await _until(run.done, linger_s)
+                wait_s = last + linger_s - clock()
+                if wait_s > 0 and not run.done.is_set():
+                    await _until(run.done, wait_s)
                     events = run.after(cursor) or events
-                first = False
                 cursor = events[-1].id
+                if any(isinstance(e.event, Token) for e in events):
+                    last = clock()
                 yield events
                 continue
             if run.done.is_set():
@@ -192,8 +197,10 @@ _END = object()
 async def batched(
     events: AsyncGenerator[StreamEvent, None], *, linger_s: float = 0.0, max_items: int = 4096
 ) -> AsyncGenerator[list[StreamEvent], None]:
-    """The same events, in lists: whatever piled up, gathered for ``linger_s`` after the first
-    (the end of the events cuts the wait short).
+    """The same events, in lists, at most one list per ``linger_s``: an event after a quiet
+    spell goes at once (a first token is not held back), one that follows closely waits
+    for the rest of the period with whatever piles up (the end of the events cuts the wait
+    short).
 
     Each item a Ray streaming call yields costs an object and a report to its owner; the
     registry takes a job's events this way, in bulk, off the path of its tokens. Events
@@ -214,12 +221,15 @@ async def batched(
             ended.set()
 
     task = asyncio.create_task(pump())
+    clock = asyncio.get_running_loop().time
+    last = -linger_s
     try:
         while True:
             batch: list[StreamEvent] = []
             item = await queue.get()
-            if linger_s > 0 and item is not _END and not isinstance(item, BaseException):
-                await _until(ended, linger_s)
+            wait_s = last + linger_s - clock()
+            if wait_s > 0 and item is not _END and not isinstance(item, BaseException):
+                await _until(ended, wait_s)
             while True:
                 if item is _END:
                     if batch:
@@ -233,6 +243,7 @@ async def batched(
                 if queue.empty() or len(batch) >= max_items:
                     break
                 item = queue.get_nowait()
+            last = clock()
             yield batch
     finally:
         task.cancel()

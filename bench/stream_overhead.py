@@ -1,20 +1,28 @@
-"""Tokens/s through the whole stack (HTTP SSE → Serve → registry → InferenceActor → vLLM)
-divided by tokens/s of vLLM's AsyncLLM driven directly: same model, same run, at
-concurrency 1 and 8. Target ≥ 0.95 (SPEC §11)."""
+"""Tokens/s and first-token time through the whole stack, on both endpoints (the job
+stream, ``POST /v1/jobs`` then its SSE stream, and OpenAI's streamed ``/v1/completions``),
+beside vLLM's ``AsyncLLM`` driven directly: same model, same run, at concurrency 1 and 8.
+Target: ≥ 0.95 of the engine's tokens/s, first token within 5 ms of its (SPEC §11)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
 import os
-import threading
+import statistics
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _common import Run, client, log, main, read_sse
-from _infer import Model, add_model_flag, hive_with_worker, prepare
+import httpx
+from _common import Run, log, main, start_hive
+from _infer import Model, add_model_flag, add_worker, prepare
 from rich.table import Table
 
 PROMPT = "Once upon a time, in a hive at the edge of a quiet meadow, there lived"
+LEVELS = (1, 8)
+#: what a rate is: the best of the rounds (this machine is noisy), in tokens/s
+Rates = dict[int, float]
 
 
 def _tokens_for(run: Run) -> int:
@@ -23,8 +31,9 @@ def _tokens_for(run: Run) -> int:
     return 64 if run.args.quick else 256
 
 
-def direct(model: Model, concurrency: int, max_tokens: int, rounds: int) -> dict[int, float]:
-    """Tokens/s of AsyncLLM in this process, ``concurrency`` requests at once."""
+def direct(model: Model, max_tokens: int, rounds: int) -> tuple[Rates, float]:
+    """Tokens/s of AsyncLLM in this process at each level, and its median first-token time
+    (s) with one request at a time."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -33,7 +42,7 @@ def direct(model: Model, concurrency: int, max_tokens: int, rounds: int) -> dict
 
     from actors.engine import WARMUP_PROMPT
 
-    async def measure() -> dict[int, float]:
+    async def measure() -> tuple[Rates, float]:
         engine = AsyncLLM.from_engine_args(
             AsyncEngineArgs(
                 model=str(model.folder),
@@ -51,93 +60,188 @@ def direct(model: Model, concurrency: int, max_tokens: int, rounds: int) -> dict
             )
             async for _ in engine.generate(WARMUP_PROMPT, params, "warmup"):
                 pass
-            rates: dict[int, float] = {}
-            for c in concurrency_levels(concurrency):
+            firsts: list[float] = []
+
+            async def one(name: str) -> int:
+                n, started = 0, time.monotonic()
+                async for out in engine.generate(PROMPT, params, name):
+                    if n == 0:
+                        firsts.append(time.monotonic() - started)
+                    n += len(out.outputs[0].token_ids)
+                return n
+
+            rates: Rates = {}
+            for c in LEVELS:
                 best = 0.0
                 for r in range(rounds):
-
-                    async def one(i: int, c: int = c, r: int = r) -> int:
-                        n = 0
-                        async for out in engine.generate(PROMPT, params, f"d-{c}-{r}-{i}"):
-                            n += len(out.outputs[0].token_ids)
-                        return n
-
+                    firsts.clear()
                     started = time.monotonic()
-                    counts = await asyncio.gather(*(one(i) for i in range(c)))
+                    counts = await asyncio.gather(*(one(f"d-{c}-{r}-{i}") for i in range(c)))
                     best = max(best, sum(counts) / (time.monotonic() - started))
                 rates[c] = best
-            return rates
+            for r in range(rounds):  # first-token time, one request at a time
+                await one(f"f-{r}")
+            return rates, statistics.median(firsts[-rounds:])
         finally:
             engine.shutdown()
 
     return asyncio.run(measure())
 
 
-def concurrency_levels(top: int) -> list[int]:
-    return [1, top]
+async def _job_stream(http: httpx.AsyncClient, model: Model, max_tokens: int) -> tuple[int, float]:
+    """One job through ``POST /v1/jobs`` and its SSE stream: tokens seen, first-token time."""
+    op = {
+        "operation": "infer",
+        "model": model.model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+    }
+    started, first, tokens, kind = time.monotonic(), 0.0, 0, ""
+    job = (await http.post("/v1/jobs", json=op)).raise_for_status().json()
+    async with http.stream("GET", f"/v1/jobs/{job['job_id']}/stream") as response:
+        async for line in response.aiter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif kind == "token" and line.startswith("data: "):
+                # an event may carry more than one token (its index counts them all)
+                tokens = json.loads(line[6:])["index"]
+                first = first or time.monotonic() - started
+    return tokens, first
 
 
-def through_stack(
-    url: str, model: Model, concurrency: int, max_tokens: int, rounds: int
-) -> dict[int, float]:
-    rates: dict[int, float] = {}
-    for c in concurrency_levels(concurrency):
-        best = 0.0
-        for _ in range(rounds):
-            counts = [0] * c
+async def _openai(http: httpx.AsyncClient, model: Model, max_tokens: int) -> tuple[int, float]:
+    """One streamed ``/v1/completions``: tokens seen, first-token time."""
+    body = {
+        "model": model.model,
+        "prompt": PROMPT,
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    started, first, tokens = time.monotonic(), 0.0, 0
+    async with http.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        opened = False
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if not opened:  # an opening chunk comes before any token
+                opened = True
+                continue
+            first = first or time.monotonic() - started
+            usage = json.loads(line[6:]).get("usage")
+            if usage:  # the last chunk counts them
+                tokens = usage["completion_tokens"]
+    return tokens, first
 
-            def one(i: int, counts: list[int] = counts) -> None:
-                op = {
-                    "operation": "infer",
-                    "model": model.model,
-                    "prompt": PROMPT,
-                    "max_tokens": max_tokens,
-                    "temperature": 0.0,
-                    "ignore_eos": True,
-                }
-                with client(url) as http:
-                    job = http.post("/v1/jobs", json=op).json()
-                    stream = read_sse(http, f"/v1/jobs/{job['job_id']}/stream")
-                    counts[i] = stream.of("token")[-1]["index"] if stream.of("token") else 0
 
-            threads = [threading.Thread(target=one, args=(i,)) for i in range(c)]
-            started = time.monotonic()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            best = max(best, sum(counts) / (time.monotonic() - started))
-        rates[c] = best
-    return rates
+Endpoint = Callable[[httpx.AsyncClient, Model, int], Awaitable[tuple[int, float]]]
+
+
+def through(
+    url: str, endpoint: Endpoint, model: Model, max_tokens: int, rounds: int
+) -> tuple[Rates, float]:
+    """``endpoint``'s tokens/s at each level and its median first-token time (s), with
+    one request at a time; every request must bring all its tokens."""
+
+    async def measure() -> tuple[Rates, float]:
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(
+            base_url=url, timeout=600, limits=limits, trust_env=False
+        ) as http:
+            rates: Rates = {}
+            for c in LEVELS:
+                best = 0.0
+                for _ in range(rounds):
+                    started = time.monotonic()
+                    got = await asyncio.gather(
+                        *(endpoint(http, model, max_tokens) for _ in range(c))
+                    )
+                    wall = time.monotonic() - started
+                    assert all(n == max_tokens for n, _ in got), got
+                    best = max(best, sum(n for n, _ in got) / wall)
+                rates[c] = best
+            firsts = [(await endpoint(http, model, max_tokens))[1] for _ in range(rounds)]
+            return rates, statistics.median(firsts)
+
+    return asyncio.run(measure())
+
+
+def _configure(parser: argparse.ArgumentParser) -> None:
+    add_model_flag(parser)
+    parser.add_argument(
+        "--ingress",
+        choices=["haproxy", "proxy"],
+        default="haproxy",
+        help="Ray Serve's ingress: HAProxy with direct ingress (rbee's fast path) or its Python proxy",
+    )
 
 
 def body(run: Run) -> dict[str, Any]:
-    """Whole-stack SSE tokens/s ÷ direct AsyncLLM tokens/s at concurrency 1 and 8."""
+    """Tokens/s and first-token time of the job stream and of OpenAI's streamed completions,
+    beside direct AsyncLLM, at concurrency 1 and 8."""
     model, config = prepare(run)
-    max_tokens, rounds = _tokens_for(run), (1 if run.args.quick else 3)
+    config = config.model_copy(
+        update={"server": config.server.model_copy(update={"ingress": run.args.ingress})}
+    )
+    max_tokens, rounds = _tokens_for(run), (1 if run.args.quick else 5)
     log.print(f"[dim]direct AsyncLLM on {model.model}, {max_tokens} tokens per request…[/]")
-    plain = direct(model, 8, max_tokens, rounds)
-    hive = hive_with_worker(run, model, config)
-    log.print("[dim]the same through HTTP SSE…[/]")
-    stack = through_stack(hive.url, model, 8, max_tokens, rounds)
+    plain, plain_first = direct(model, max_tokens, rounds)
+    hive = start_hive(run, config)
+    add_worker(hive.url, model)
+    measured: dict[str, tuple[Rates, float]] = {}
+    for name, endpoint in (("job stream", _job_stream), ("openai", _openai)):
+        log.print(f"[dim]the same through {name}…[/]")
+        measured[name] = through(hive.url, endpoint, model, max_tokens, rounds)
 
     table = Table(
-        title=f"stream overhead ({model.model}, {max_tokens} tokens/request, best of {rounds})"
+        title=f"stream overhead ({model.model}, {max_tokens} tokens/request, "
+        f"best of {rounds}, ingress {run.args.ingress})"
     )
-    for column in ("concurrency", "direct tok/s", "SSE tok/s", "ratio (target ≥ 0.95)"):
+    for column in ("path", "tok/s c1", "ratio", "tok/s c8", "ratio", "first token"):
         table.add_column(column, justify="right")
-    figures: dict[str, Any] = {"model": model.model, "max_tokens": max_tokens, "rounds": rounds}
-    for c in concurrency_levels(8):
-        ratio = stack[c] / plain[c] if plain[c] else float("nan")
-        table.add_row(str(c), f"{plain[c]:.1f}", f"{stack[c]:.1f}", f"{ratio:.3f}")
-        figures[f"c{c}"] = {
-            "direct_tok_s": round(plain[c], 1),
-            "sse_tok_s": round(stack[c], 1),
-            "ratio": round(ratio, 3),
+    table.add_row(
+        "direct AsyncLLM",
+        f"{plain[1]:.0f}",
+        "1",
+        f"{plain[8]:.0f}",
+        "1",
+        f"{plain_first * 1000:.1f} ms",
+    )
+    figures: dict[str, Any] = {
+        "model": model.model,
+        "max_tokens": max_tokens,
+        "rounds": rounds,
+        "ingress": run.args.ingress,
+        "direct": {
+            "c1_tok_s": round(plain[1], 1),
+            "c8_tok_s": round(plain[8], 1),
+            "first_token_ms": round(plain_first * 1000, 1),
+        },
+    }
+    for name, (rates, first) in measured.items():
+        ratios = {c: rates[c] / plain[c] if plain[c] else float("nan") for c in LEVELS}
+        table.add_row(
+            name,
+            f"{rates[1]:.0f}",
+            f"{ratios[1]:.2f}",
+            f"{rates[8]:.0f}",
+            f"{ratios[8]:.2f}",
+            f"{first * 1000:.1f} ms",
+        )
+        figures[name.replace(" ", "_")] = {
+            "c1_tok_s": round(rates[1], 1),
+            "c1_ratio": round(ratios[1], 3),
+            "c8_tok_s": round(rates[8], 1),
+            "c8_ratio": round(ratios[8], 3),
+            "first_token_ms": round(first * 1000, 1),
         }
     run.tables.append(table)
     return figures
 
 
 if __name__ == "__main__":
-    raise SystemExit(main("stream_overhead", body, add_model_flag))
+    raise SystemExit(main("stream_overhead", body, _configure))

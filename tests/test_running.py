@@ -1,14 +1,16 @@
-"""``Runs``: a cancel that comes before its job, or for a job this actor never runs."""
+"""``Runs``: a cancel that comes before its job, or for a job this actor never runs; watchers
+and ``batched``: each event once, the first at once, then in lists."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from contextlib import aclosing
 
 import pytest
 
-from actors.events import Narration
-from actors.running import Runs
+from actors.events import Narration, StreamEvent, Token
+from actors.running import Runs, batched
 
 
 async def _forever(run):
@@ -45,3 +47,75 @@ async def test_early_cancels_are_bounded_and_never_count_as_running():
     with pytest.raises(asyncio.CancelledError):
         async for _ in runs.run("j-999", _forever):
             pass
+
+
+async def _events(*gaps_s: float):
+    """A StreamEvent after each gap."""
+    for n, gap in enumerate(gaps_s, 1):
+        await asyncio.sleep(gap)
+        yield StreamEvent(n, Narration("test", "tick", f"tick {n}"))
+
+
+async def test_batched_sends_an_event_after_a_quiet_spell_at_once_and_then_at_most_one_list_per_linger():
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    got: list[tuple[float, list[int]]] = []
+    # One event, a burst of 20 close together, a quiet spell, one more.
+    gaps = [0.0] + [0.005] * 20 + [0.3]
+    async for batch in batched(_events(*gaps), linger_s=0.1):
+        got.append((loop.time() - start, [e.id for e in batch]))
+    assert [i for _, ids in got for i in ids] == list(range(1, 23))  # all, in order, once
+    first_at, first = got[0]
+    assert first == [1] and first_at < 0.05  # not held back for the linger
+    last_at, last = got[-1]
+    assert last == [22] and last_at - 0.3 - 0.1 < 0.08  # after a quiet spell: at once
+    burst = [at for at, _ in got[:-1]]
+    assert len(burst) <= 3  # ~0.1 s of events in at most one list per 0.1 s
+    assert all(b - a >= 0.09 for a, b in itertools.pairwise(burst))
+
+
+async def test_batched_hands_on_what_it_gathered_before_a_failure():
+    async def failing():
+        yield StreamEvent(1, Narration("test", "tick", "one"))
+        yield StreamEvent(2, Narration("test", "tick", "two"))
+        raise RuntimeError("the engine died")
+
+    got = []
+    with pytest.raises(RuntimeError, match="engine died"):
+        async for batch in batched(failing(), linger_s=0.05):
+            got.extend(e.id for e in batch)
+    assert got == [1, 2]
+
+
+async def test_a_watcher_gets_each_event_once_the_first_at_once_then_in_lists():
+    runs = Runs()
+
+    async def body(run):
+        yield Narration("test", "generate", "generating")
+        await asyncio.sleep(0.002)
+        for n in range(40):
+            yield Token(f"t{n}", n + 1)
+            await asyncio.sleep(0.005)
+
+    loop = asyncio.get_running_loop()
+    seen: list[int] = []
+    lists: list[float] = []
+
+    async def watch():
+        async for events in runs.watch("j-w", 6, linger_s=0.05):
+            lists.append(loop.time())
+            seen.extend(e.id for e in events)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.01)  # the watcher comes before the run
+    started = loop.time()
+    ran = [e.id async for e in runs.run("j-w", body, first_id=7)]
+    await asyncio.wait_for(watcher, 5)
+    assert ran == list(range(7, 48))
+    assert seen == ran  # nothing lost, nothing repeated
+    assert lists[0] - started < 0.03  # the narration is not held back,
+    assert lists[1] - started < 0.03  # nor the first token behind it
+    assert len(lists) < 20  # 40 events ~0.2 s apart: gathered, not one list each
+    # Events 1-6 were the registry's before this run: a watcher that needs them is not
+    # served here (it reads the registry), rather than given a stream with a hole.
+    assert [e async for e in runs.watch("j-w", 0)] == []
