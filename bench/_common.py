@@ -232,23 +232,24 @@ def read_sse(
 ) -> Sse:
     """Follow a job stream until its sentinel; ``on_event(kind, data)`` sees each event as it
     arrives (it may make HTTP calls of its own on another client)."""
+    from serve_app import sse
+
     result = Sse()
+    parser = sse.Parser()
     with http.stream("GET", path, timeout=timeout) as response:
         if response.status_code != 200:
             raise RuntimeError(f"GET {path}: {response.status_code} {response.read()!r}")
-        kind: str | None = None
         for line in response.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                if kind is None:
-                    result.sentinel = line[6:]
-                    break
-                data = json.loads(line[6:])
-                result.events.append((kind, data))
-                if on_event is not None:
-                    on_event(kind, data)
-                kind = None
+            frame = parser.feed(line)
+            if frame is None:
+                continue
+            if frame.kind is None:
+                result.sentinel = frame.data
+                break
+            data = frame.json()
+            result.events.append((frame.kind, data))
+            if on_event is not None:
+                on_event(frame.kind, data)
     return result
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
@@ -18,6 +17,9 @@ import httpx
 from _common import Run, log, main, start_hive
 from _infer import Model, add_model_flag, add_worker, prepare
 from rich.table import Table
+
+from actors.events import StreamEvent, Token
+from serve_app import sse
 
 PROMPT = "Once upon a time, in a hive at the edge of a quiet meadow, there lived"
 LEVELS = (1, 8)
@@ -98,15 +100,14 @@ async def _job_stream(http: httpx.AsyncClient, model: Model, max_tokens: int) ->
         "temperature": 0.0,
         "ignore_eos": True,
     }
-    started, first, tokens, kind = time.monotonic(), 0.0, 0, ""
+    started, first, tokens, parser = time.monotonic(), 0.0, 0, sse.Parser()
     job = (await http.post("/v1/jobs", json=op)).raise_for_status().json()
     async with http.stream("GET", f"/v1/jobs/{job['job_id']}/stream") as response:
         async for line in response.aiter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif kind == "token" and line.startswith("data: "):
-                # an event may carry more than one token (its index counts them all)
-                tokens = json.loads(line[6:])["index"]
+            frame = parser.feed(line)
+            item = sse.typed(frame) if frame is not None else None
+            if isinstance(item, StreamEvent) and isinstance(item.event, Token):
+                tokens = item.event.index  # an event may carry more than one token
                 first = first or time.monotonic() - started
     return tokens, first
 
@@ -121,18 +122,19 @@ async def _openai(http: httpx.AsyncClient, model: Model, max_tokens: int) -> tup
         "ignore_eos": True,
         "stream": True,
     }
-    started, first, tokens = time.monotonic(), 0.0, 0
+    started, first, tokens, parser = time.monotonic(), 0.0, 0, sse.Parser()
+    opened = False
     async with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
-        opened = False
         async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
+            frame = parser.feed(line)
+            if frame is None or not frame.data.startswith("{"):
                 continue
             if not opened:  # an opening chunk comes before any token
                 opened = True
                 continue
             first = first or time.monotonic() - started
-            usage = json.loads(line[6:]).get("usage")
+            usage = frame.json().get("usage")
             if usage:  # the last chunk counts them
                 tokens = usage["completion_tokens"]
     return tokens, first

@@ -46,18 +46,17 @@ deployment reaches rbee through a ``DeploymentHandle``, typed events and errors 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from actors.errors import JobCancelled, RbeeError, error_class
 from actors.events import Error, Result, StreamEvent, event_from, payload
+from serve_app import sse
 
 DEFAULT_URL = "http://127.0.0.1:7835"
 
@@ -121,52 +120,6 @@ parse_event = event_from
 """The typed event of one SSE ``event:``/``data:`` pair (see ``actors.events.event_from``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class _End:
-    state: str  #: completed | failed | cancelled
-    message: str
-
-
-class _SseParser:
-    """SSE lines in; whole events or the closing sentinel out. A half-received event is
-    never dispatched, so a cut connection loses nothing that a resume will not replay."""
-
-    def __init__(self) -> None:
-        self._id: str | None = None
-        self._kind: str | None = None
-        self._data: list[str] = []
-
-    def feed(self, line: str) -> StreamEvent | _End | None:
-        if line:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "id":
-                self._id = value
-            elif name == "event":
-                self._kind = value
-            elif name == "data":
-                self._data.append(value)
-            return None
-        seq, kind, data = self._id, self._kind, "\n".join(self._data)
-        self._id, self._kind, self._data = None, None, []
-        if kind is None:
-            return _sentinel(data)
-        event = parse_event(kind, json.loads(data))
-        if seq is None or event is None:
-            return None
-        return StreamEvent(int(seq), event)
-
-
-def _sentinel(data: str) -> _End | None:
-    if data == "[DONE]":
-        return _End("completed", "")
-    if data == "[CANCELLED]":
-        return _End("cancelled", "")
-    if data.startswith("[ERROR]"):
-        return _End("failed", data.removeprefix("[ERROR]").strip())
-    return None
-
-
 class _Follow:
     """One ``stream`` call across its connections: the last id seen (the next
     ``Last-Event-ID``), the last error event, and how many attempts in a row broke."""
@@ -176,26 +129,27 @@ class _Follow:
         self.error: dict[str, Any] | None = None
         self.failures = 0
         self.connected = False
-        self._parser = _SseParser()
+        self._parser = sse.Parser()
 
     def request(self) -> dict[str, Any]:
-        self._parser = _SseParser()
+        self._parser = sse.Parser()
         headers = {"Last-Event-ID": str(self.last)} if self.last is not None else {}
         return {"method": "GET", "url": f"/v1/jobs/{self.job_id}/stream", "headers": headers}
 
-    def feed(self, line: str) -> StreamEvent | _End | None:
-        item = self._parser.feed(line)
+    def feed(self, line: str) -> StreamEvent | sse.End | None:
+        frame = self._parser.feed(line)
+        item = sse.typed(frame) if frame is not None else None
         if isinstance(item, StreamEvent):
             self.last, self.failures = item.id, 0
             if isinstance(item.event, Error):
                 self.error = payload(item.event)
         return item
 
-    def needs_record(self, end: _End) -> bool:
+    def needs_record(self, end: sse.End) -> bool:
         """A failed job whose error event came before our ``Last-Event-ID``."""
         return end.state == "failed" and self.error is None
 
-    def end(self, end: _End) -> None:
+    def end(self, end: sse.End) -> None:
         """Return if the job completed; raise its error if it failed or was cancelled."""
         error = self.error or {}
         if end.state == "cancelled":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from serve_app import sse
 
 
 @dataclass
@@ -35,31 +36,24 @@ def read_sse(
     """
     out = Sse()
     end = time.monotonic() + deadline_s
+    parser = sse.Parser()
     with client.stream("GET", path, headers=headers, timeout=deadline_s) as response:
         assert response.status_code == 200, response.read()
         assert response.headers["content-type"].startswith("text/event-stream")
-        current: dict[str, Any] = {}
         for line in response.iter_lines():
             assert time.monotonic() < end, f"stream {path} outlived its {deadline_s}s deadline"
-            if line.startswith(":"):
-                out.comments += 1
-            elif line.startswith("id: "):
-                current["id"] = int(line[4:])
-            elif line.startswith("event: "):
-                current["event"] = line[7:]
-            elif line.startswith("data: "):
-                data = line[6:]
-                if "event" in current:
-                    current["data"] = json.loads(data)
-                else:
-                    assert out.sentinel is None, "two sentinels"
-                    out.sentinel = data
-            elif line == "" and current:
-                out.events.append(current)
-                stop = on_event(current) if on_event else None
-                current = {}
-                if stop:
-                    return out
+            frame = parser.feed(line)
+            out.comments = parser.comments
+            if frame is None:
+                continue
+            if frame.kind is None:
+                assert out.sentinel is None, "two sentinels"
+                out.sentinel = frame.data
+                continue
+            current = {"id": frame.id, "event": frame.kind, "data": frame.json()}
+            out.events.append(current)
+            if on_event and on_event(current):
+                return out
         assert out.sentinel is not None, "the stream closed without a sentinel"
     return out
 
