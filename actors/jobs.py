@@ -147,10 +147,7 @@ class Jobs:
                     await self._run(record, op)
             else:
                 await self._run(record, op)
-        except asyncio.CancelledError:
-            if not record.cancel_requested:
-                raise
-        finally:
+        finally:  # a cancel ends this task cancelled; ``_cancel`` waits for it
             self._tasks.pop(record.job_id, None)
 
     async def _run(self, record: JobRecord, op: Any) -> None:

@@ -89,25 +89,19 @@ class JobRegistry:
         )
         return events, state.value, lease
 
-    async def cancel(self, job_id: str, correlation_id: str | None = None) -> bool:
-        started = time.monotonic()
-        ended = await self._jobs.cancel(job_id, correlation_id)
-        if ended:
-            self._metrics.cancel_latency.observe(time.monotonic() - started)
-        return ended
-
-    async def request_cancel(self, job_id: str, correlation_id: str | None = None) -> None:
-        """Start a cancel and return at once (``POST .../cancel``); unknown ids are logged."""
-        self._spawn(self._cancel_quietly(job_id, correlation_id))
-
-    async def request_cancel_many(
+    async def cancel(
         self,
         job_ids: list[str] | None,
-        state: str | None,
-        operation: str | None,
         correlation_id: str | None = None,
+        *,
+        state: str | None = None,
+        operation: str | None = None,
+        wait: bool = False,
     ) -> dict[str, list[str]]:
-        """Start cancels of many jobs (given ids, or every unfinished job matching filters)."""
+        """The one way in for a cancel: of the jobs named, or (``job_ids`` None) of every
+        unfinished job of ``state`` and ``operation``. ``{"job_ids": known, "unknown": ...}``
+        at once; with ``wait``, once each known job is terminal, with ``"ended"``: the ones
+        this cancel ended (the others had ended already). An unknown id is logged."""
         table = self._jobs.table
         if job_ids is None:
             states = [JobState(state)] if state else [JobState.QUEUED, JobState.RUNNING]
@@ -117,15 +111,26 @@ class JobRegistry:
                 for r in table.recent(state=s, operation=operation, limit=len(table))
             ]
         known = [j for j in job_ids if j in table]
-        for job_id in known:
-            await self.request_cancel(job_id, correlation_id)
-        return {"job_ids": known, "unknown": [j for j in job_ids if j not in table]}
+        unknown = [j for j in job_ids if j not in table]
+        for job_id in unknown:  # logged
+            await self._cancel_one(job_id, correlation_id)
+        answer = {"job_ids": known, "unknown": unknown}
+        if not wait:
+            for job_id in known:
+                self._spawn(self._cancel_one(job_id, correlation_id))
+            return answer
+        ended = await asyncio.gather(*(self._cancel_one(j, correlation_id) for j in known))
+        return {**answer, "ended": [j for j, e in zip(known, ended, strict=True) if e]}
 
-    async def _cancel_quietly(self, job_id: str, correlation_id: str | None) -> None:
+    async def _cancel_one(self, job_id: str, correlation_id: str | None) -> bool:
+        started = time.monotonic()
         try:
-            await self.cancel(job_id, correlation_id)
-        except JobNotFound:
-            pass
+            ended = await self._jobs.cancel(job_id, correlation_id)
+        except JobNotFound:  # unknown, or forgotten meanwhile (retention)
+            return False
+        if ended:
+            self._metrics.cancel_latency.observe(time.monotonic() - started)
+        return ended
 
     async def preloads(self) -> dict[str, dict[str, Any]]:
         """How the preloads stand (``/health``): loading, ready, failed or cancelled."""

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.config import Config
 from actors.core import JobState
-from actors.errors import InvalidRequest, JobFinished, RbeeError, Unauthorized
+from actors.errors import InvalidRequest, JobFinished, JobNotFound, RbeeError, Unauthorized
 from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
 from serve_app.errors import EXCEPTION_HANDLERS, error_body
@@ -125,20 +125,25 @@ class Api:
 
     async def delete_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        ended = await remote(self.registry.cancel.remote(job_id, correlation_id(request)))
-        if not ended:
+        answer = await self._cancel(request, [job_id], wait=True)
+        if answer["unknown"]:
+            raise JobNotFound(f"no job {job_id!r}")
+        if not answer["ended"]:
             raise JobFinished(f"job {job_id!r} had already finished")
         return JSONResponse({"job_id": job_id, "status": "cancelled"})
 
     async def cancel_job(self, request: Request) -> Response:
-        return await self._cancel_soon(request.path_params["job_id"], request)
+        job_id = request.path_params["job_id"]
+        await self._cancel(request, [job_id])
+        return JSONResponse({"job_id": job_id, "status": "cancelling"}, 202)
 
     async def cancel_body(self, request: Request) -> Response:
         body = await self.jobs.read_json(request)
         job_id = body.get("job_id") if isinstance(body, dict) else None
         if not isinstance(job_id, str):
             raise InvalidRequest("'job_id' must be a non-empty string")
-        return await self._cancel_soon(check_id(job_id, "job_id"), request)
+        await self._cancel(request, [check_id(job_id, "job_id")])
+        return JSONResponse({"job_id": job_id, "status": "cancelling"}, 202)
 
     async def cancel_many(self, request: Request) -> Response:
         """Cancel many jobs with one request: ``{"job_ids": [...]}`` or filters
@@ -164,16 +169,16 @@ class Api:
             not isinstance(operation, str) or operation not in OPERATION_NAMES
         ):
             raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
-        answer = await remote(
-            self.registry.request_cancel_many.remote(
-                job_ids, state, operation, correlation_id(request)
-            )
-        )
+        answer = await self._cancel(request, job_ids, state=state, operation=operation)
         return JSONResponse({"status": "cancelling", **answer}, 202)
 
-    async def _cancel_soon(self, job_id: str, request: Request) -> Response:
-        await remote(self.registry.request_cancel.remote(job_id, correlation_id(request)))
-        return JSONResponse({"job_id": job_id, "status": "cancelling"}, 202)
+    async def _cancel(
+        self, request: Request, job_ids: list[str] | None, **how: Any
+    ) -> dict[str, list[str]]:
+        """Behind every cancel route: the registry's one cancel, with the request's
+        correlation id."""
+        cid = correlation_id(request)
+        return dict(await remote(self.registry.cancel.remote(job_ids, cid, **how)))
 
     async def stream(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]

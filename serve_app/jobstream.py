@@ -255,7 +255,7 @@ class JobStream:
 
     async def _deliver_cancel(self, job_id: str, cid: str | None) -> None:
         for _ in range(_CANCEL_ATTEMPTS):
-            ref = self.registry.request_cancel.remote(job_id, cid)
+            ref = self.registry.cancel.remote([job_id], cid)
             try:
                 await ref
                 return

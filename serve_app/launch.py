@@ -193,7 +193,7 @@ def _cancel_jobs() -> None:
     recorded them as cancelled."""
     deadline = time.monotonic() + _CANCEL_S
     registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-    cancel_all = registry.request_cancel_many.remote(None, None, None, "shutdown")
+    cancel_all = registry.cancel.remote(None, "shutdown")
     asked: dict[str, list[str]] = ray.get(cancel_all, timeout=2)
     if not asked["job_ids"]:
         return
