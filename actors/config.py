@@ -53,7 +53,7 @@ class EngineConfig(_Section):
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     load_timeout_s: float = Field(default=600.0, gt=0)
     cpu_threads: int | None = Field(default=None, ge=1)  #: CPU engines: default all cores
-    stream_linger_ms: float = Field(default=20.0, ge=0, le=500)  #: tokens gathered per send
+    stream_linger_ms: float = Field(default=50.0, ge=0, le=500)  #: tokens gathered per send
 
 
 class ServerConfig(_Section):

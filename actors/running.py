@@ -25,8 +25,10 @@ FEED_EVENTS = 10_000
 """The most events a run keeps for watchers; one who falls further behind reads the registry."""
 FEED_KEPT_S = 5.0
 """How long a finished run's feed stays for watchers still reading its tail."""
-FLUSH_S = 0.1
-"""How long an actor gathers a job's events before sending them to the registry."""
+FLUSH_S = 0.25
+"""How long an actor gathers a job's events before sending them to the registry: live
+watchers read the actor, so this only bounds how far behind the registry's copy may be
+(each list sent costs both processes CPU that the engine would have used)."""
 ARRIVAL_WAIT_S = 10.0
 """How long a watcher waits for a run whose call has not reached the actor yet."""
 

@@ -156,7 +156,7 @@ class OpenAi:
                     continue
                 event = item.event
                 if isinstance(event, Token):
-                    out.append(_sse(chunks.delta(event.text)))
+                    out.append(chunks.delta_sse(event.text))
                 elif isinstance(event, Result):
                     usage = event.value.get("usage")
                     out.append(_sse(chunks.last(event.value.get("finish_reason"), usage)))
@@ -211,6 +211,9 @@ class _Chunks:
             "job-"
         )
         self.created = int(time.time())
+        # A token's chunk is the same but for its text: made once, the text put in each time.
+        mark = json.dumps("\x00")  # the text comes last: its rightmost occurrence
+        self._delta_head, _, self._delta_tail = _sse(self.delta("\x00")).rpartition(mark)
 
     def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
@@ -230,6 +233,10 @@ class _Chunks:
         if self.kind == "chat.completion":
             return self._chunk({"delta": {"content": text}, "finish_reason": None})
         return self._chunk({"text": text, "finish_reason": None})
+
+    def delta_sse(self, text: str) -> str:
+        """``_sse(self.delta(text))``, without building and encoding the whole chunk again."""
+        return self._delta_head + json.dumps(text) + self._delta_tail
 
     def last(self, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
         empty = {"delta": {}} if self.kind == "chat.completion" else {"text": ""}

@@ -7,6 +7,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.helpers import job, wait_for, wait_state
 
@@ -167,3 +169,17 @@ def test_sixty_official_clients_that_go_away_all_abort(api, hive, worker):
         return bool(mine[0]["unfinished_requests"] == 0)
 
     wait_for(idle, timeout=10)
+
+
+@settings(max_examples=300)
+@given(
+    kind=st.sampled_from(["text_completion", "chat.completion"]),
+    model=st.text(min_size=1, max_size=40),
+    text=st.text(max_size=40),
+)
+def test_a_token_chunk_made_from_its_template_is_the_chunk_built_whole(kind, model, text):
+    from serve_app.openai import _Chunks, _sse
+
+    chunks = _Chunks(kind, "job-0b1c", model)
+    assert chunks.delta_sse(text) == _sse(chunks.delta(text))
+    assert json.loads(chunks.delta_sse(text)[6:])["model"] == model
