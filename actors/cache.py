@@ -19,7 +19,7 @@ from typing import Any
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
-from actors.errors import BadHubAnswer, ModelNotFound
+from actors.core.errors import BadHubAnswer, ModelNotFound
 from actors.operations import check_model_id, check_relative_path
 from actors.transfer import check_inside
 

@@ -70,7 +70,7 @@ class ServerConfig(_Section):
 class Config(_Section):
     hub: HubConfig = HubConfig()
     cache_dir: Path = Field(default_factory=lambda: default_cache_dir({}))
-    #: the registry's journal (``actors.store``); ``null`` in the YAML: remember nothing
+    #: the registry's journal (``actors.core.store``); ``null`` in the YAML: remember nothing
     state_dir: Path | None = Field(default_factory=lambda: default_state_dir({}))
     downloads: DownloadConfig = DownloadConfig()
     server: ServerConfig = ServerConfig()

@@ -8,12 +8,12 @@ import httpx
 import ray
 from ray.util import metrics
 
-from actors import logs
 from actors.config import Config
+from actors.core import logs
+from actors.core.events import StreamEvent
+from actors.core.running import FLUSH_S, batched
 from actors.downloads import ModelDownloads
-from actors.events import StreamEvent
 from actors.operations import ModelDownload
-from actors.running import FLUSH_S, batched
 from actors.transfer import BandwidthLimiter, Downloader
 from actors.vendors import HfVendor, UrlVendor
 

@@ -10,11 +10,11 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
+from actors.core.errors import DownloadFailed, InvalidRequest
+from actors.core.events import Event, Narration, Progress, Result, StreamEvent
+from actors.core.running import Run, Runs
 from actors.downloads_progress import ProgressMeter
-from actors.errors import DownloadFailed, InvalidRequest
-from actors.events import Event, Narration, Progress, Result, StreamEvent
 from actors.operations import ModelDownload
-from actors.running import Run, Runs
 from actors.transfer import Downloader
 from actors.vendors import DownloadPlan, PlannedFile, Vendor
 

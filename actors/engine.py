@@ -23,10 +23,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from actors.config import EngineConfig
-from actors.errors import InvalidRequest, ModelLoadFailed
-from actors.events import Event, Narration, Result, StreamEvent, Token
+from actors.core.errors import InvalidRequest, ModelLoadFailed
+from actors.core.events import Event, Narration, Result, StreamEvent, Token
+from actors.core.running import Run, Runs
 from actors.operations import Infer
-from actors.running import Run, Runs
 
 log = logging.getLogger("rbee.engine")
 

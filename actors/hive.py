@@ -13,11 +13,12 @@ from typing import Any
 
 import ray
 
-from actors import logs
 from actors.cache import Catalog
 from actors.config import Config
+from actors.core import logs
+from actors.core.events import Event, Narration, Result, StreamEvent
+from actors.core.running import FLUSH_S, Runs, batched
 from actors.embedded import LOCAL_ID, gguf_path
-from actors.events import Event, Narration, Result, StreamEvent
 from actors.operations import (
     HiveStatus,
     ModelDelete,
@@ -27,7 +28,6 @@ from actors.operations import (
     WorkerSpawn,
     WorkerStop,
 )
-from actors.running import FLUSH_S, Runs, batched
 from actors.workers import WorkerPool
 
 ACTOR = "hive"

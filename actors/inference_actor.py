@@ -11,12 +11,12 @@ from typing import Any
 import ray
 from ray.util import metrics
 
-from actors import logs
 from actors.config import EngineConfig
+from actors.core import logs
+from actors.core.events import StreamEvent, Token
+from actors.core.running import FLUSH_S, batched
 from actors.engine import EngineWorker
-from actors.events import StreamEvent, Token
 from actors.operations import Infer
-from actors.running import FLUSH_S, batched
 
 
 @ray.remote(max_concurrency=1000)

@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from actors.errors import InvalidRequest, UnsafePath
+from actors.core.errors import InvalidRequest, UnsafePath
 
 # Matched with ``fullmatch``: ``$`` would also match before a final newline.
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")

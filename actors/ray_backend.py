@@ -16,10 +16,10 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from actors.core import JobRecord
-from actors.errors import InvalidRequest, WorkerDied
-from actors.events import Event, Narration, Result, StreamEvent
-from actors.jobs import Lease
+from actors.core.errors import InvalidRequest, WorkerDied
+from actors.core.events import Event, Narration, Result, StreamEvent
+from actors.core.jobs import Lease
+from actors.core.table import JobRecord
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.operations import HiveList, Infer, ModelDownload
 

@@ -1,7 +1,7 @@
 """``JobRegistry``: the one named, detached actor that holds every job.
 
 It keeps each job's record, event log and cancel flag, and the ``ObjectRefGenerator`` of the
-call doing the work; the logic lives in ``actors.jobs.Jobs`` and ``actors.core.JobTable``.
+call doing the work; the logic lives in ``actors.core.jobs.Jobs`` and ``actors.core.JobTable``.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ from typing import Any
 import ray
 from ray.util import metrics
 
-from actors import logs
 from actors.config import Config
-from actors.core import JobRecord, JobState, JobTable, Lease
-from actors.errors import JobNotFound
-from actors.events import StreamEvent
-from actors.jobs import Jobs
+from actors.core import logs
+from actors.core.errors import JobNotFound
+from actors.core.events import StreamEvent
+from actors.core.jobs import Jobs
+from actors.core.store import JobStore
+from actors.core.table import JobRecord, JobState, JobTable, Lease
 from actors.operations import parse_operation
 from actors.ray_backend import RayBackend
-from actors.store import JobStore
 
 
 @ray.remote(num_cpus=0, max_concurrency=10_000)

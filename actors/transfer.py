@@ -32,7 +32,7 @@ from typing import Any
 import filelock
 import httpx
 
-from actors.errors import BadHubAnswer, DownloadFailed, IntegrityError
+from actors.core.errors import BadHubAnswer, DownloadFailed, IntegrityError
 
 logger = logging.getLogger(__name__)
 

@@ -39,7 +39,13 @@ from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defin
 
 from actors.cache import RepoLayout, check_commit, check_etag, is_commit
 from actors.config import DownloadConfig
-from actors.errors import BadHubAnswer, DownloadFailed, InvalidRequest, ModelNotFound, UnsafePath
+from actors.core.errors import (
+    BadHubAnswer,
+    DownloadFailed,
+    InvalidRequest,
+    ModelNotFound,
+    UnsafePath,
+)
 from actors.operations import ModelDownload, check_relative_path
 from actors.transfer import FileSpec, content_length, transport_errors
 

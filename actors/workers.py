@@ -26,11 +26,10 @@ import ray
 from ray.exceptions import TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors import logs
 from actors.cache import Catalog
 from actors.config import Config
-from actors.embedded import LOCAL_ID, ensure_embedded
-from actors.errors import (
+from actors.core import logs
+from actors.core.errors import (
     InsufficientVram,
     InvalidRequest,
     JobCancelled,
@@ -41,7 +40,8 @@ from actors.errors import (
     WorkerDied,
     rbee_cause,
 )
-from actors.events import Event, Narration, Result
+from actors.core.events import Event, Narration, Result
+from actors.embedded import LOCAL_ID, ensure_embedded
 from actors.inference_actor import InferenceActor
 from actors.naming import NAMESPACE, worker_name
 from actors.procs import Leftovers

@@ -18,7 +18,7 @@ from _common import Run, log, main, start_hive
 from _infer import Model, add_model_flag, add_worker, prepare
 from rich.table import Table
 
-from actors.events import StreamEvent, Token
+from actors.core.events import StreamEvent, Token
 from serve_app import sse
 
 PROMPT = "Once upon a time, in a hive at the edge of a quiet meadow, there lived"

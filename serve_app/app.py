@@ -17,8 +17,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.config import Config
-from actors.core import JobState
-from actors.errors import InvalidRequest, JobFinished, JobNotFound, RbeeError, Unauthorized
+from actors.core.errors import InvalidRequest, JobFinished, JobNotFound, RbeeError, Unauthorized
+from actors.core.table import JobState
 from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
 from serve_app.errors import EXCEPTION_HANDLERS, error_body

@@ -26,7 +26,7 @@ import httpx
 import typer
 from rich.console import Console
 
-from actors.errors import RbeeError
+from actors.core.errors import RbeeError
 from serve_app import cli_render as render
 from serve_app.client import DEFAULT_URL, Client, ServerUnavailable, operation
 

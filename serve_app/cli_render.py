@@ -32,8 +32,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from actors.events import Narration, Result, Token, payload
-from actors.events import Progress as ProgressEvent
+from actors.core.events import Narration, Result, Token, payload
+from actors.core.events import Progress as ProgressEvent
 from serve_app.client import Client, StreamEvent
 
 #: Piped output is not cut to 80 columns: scripts get whole ids and paths.

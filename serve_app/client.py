@@ -2,7 +2,7 @@
 
 ::
 
-    from actors.events import Progress
+    from actors.core.events import Progress
     from serve_app.client import Client, operation
 
     with Client() as rbee:                       # RBEE_URL, else http://127.0.0.1:7835
@@ -15,7 +15,7 @@
 
 ``stream`` survives a dropped connection: it reconnects with ``Last-Event-ID`` (a few tries,
 with backoff), so no event is lost or repeated. Errors are the server's own classes from
-``actors.errors``, looked up by the wire ``code``; ``ServerUnavailable`` means nothing
+``actors.core.errors``, looked up by the wire ``code``; ``ServerUnavailable`` means nothing
 answered. ``RBEE_API_TOKEN`` (or ``token=``) is sent as ``Authorization: Bearer``.
 
 Inside a Ray application: rbee's Serve ingress is an ASGI app, so its own
@@ -54,8 +54,8 @@ from typing import Any
 
 import httpx
 
-from actors.errors import JobCancelled, RbeeError, error_class
-from actors.events import Error, Result, StreamEvent, event_from, payload
+from actors.core.errors import JobCancelled, RbeeError, error_class
+from actors.core.events import Error, Result, StreamEvent, event_from, payload
 from serve_app import sse
 
 DEFAULT_URL = "http://127.0.0.1:7835"
@@ -117,7 +117,7 @@ def operation(name: str, **fields: Any) -> dict[str, Any]:
 
 
 parse_event = event_from
-"""The typed event of one SSE ``event:``/``data:`` pair (see ``actors.events.event_from``)."""
+"""The typed event of one SSE ``event:``/``data:`` pair (see ``actors.core.events.event_from``)."""
 
 
 class _Follow:

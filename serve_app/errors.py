@@ -7,7 +7,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from actors import errors
+from actors.core import errors
 
 STATUS: dict[type[errors.RbeeError], int] = {
     errors.MalformedBody: 400,

@@ -18,8 +18,7 @@ from ray.exceptions import RayActorError, RayError, TaskCancelledError
 from starlette.requests import Request
 
 from actors.config import Config
-from actors.core import JobState, Lease
-from actors.errors import (
+from actors.core.errors import (
     BodyTooLarge,
     JobNotFound,
     MalformedBody,
@@ -29,7 +28,8 @@ from actors.errors import (
     error_class,
     rbee_cause,
 )
-from actors.events import Result, StreamEvent
+from actors.core.events import Result, StreamEvent
+from actors.core.table import JobState, Lease
 from actors.naming import NAMESPACE
 
 log = logging.getLogger("rbee.jobstream")

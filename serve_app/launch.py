@@ -27,15 +27,15 @@ import httpx
 import ray
 from ray import serve
 
-from actors import logs
 from actors.cluster import shutdown_cluster
 from actors.config import Config, ServerConfig
-from actors.core import JobState
+from actors.core import logs
+from actors.core.errors import JobCancelled
+from actors.core.store import JobStore
+from actors.core.table import JobState
 from actors.embedded import LOCAL_ID
-from actors.errors import JobCancelled
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
-from actors.store import JobStore
 from serve_app.app import is_loopback
 from serve_app.deployment import APP_NAME, Ingress
 from serve_app.fast_path import fast_path

@@ -16,8 +16,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from actors.errors import InvalidRequest, RbeeError
-from actors.events import Error, Result, StreamEvent, Token
+from actors.core.errors import InvalidRequest, RbeeError
+from actors.core.events import Error, Result, StreamEvent, Token
 from serve_app.jobstream import JobStream
 
 log = logging.getLogger("rbee.openai")

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from actors.events import StreamEvent, event_from, payload
+from actors.core.events import StreamEvent, event_from, payload
 
 KEEPALIVE = ": keep-alive\n\n"
 DONE, CANCELLED, ERROR = "[DONE]", "[CANCELLED]", "[ERROR]"

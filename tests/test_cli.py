@@ -19,7 +19,7 @@ import pexpect
 import pytest
 from rich.console import Console
 
-from actors.events import Narration, Progress, Result, Token
+from actors.core.events import Narration, Progress, Result, Token
 from actors.operations import OPERATION_NAMES
 from serve_app import cli_render
 from serve_app.client import StreamEvent

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from actors.errors import (
+from actors.core.errors import (
     DownloadFailed,
     InternalError,
     InvalidRequest,
@@ -32,7 +32,7 @@ from actors.errors import (
     Unauthorized,
     rbee_cause,
 )
-from actors.events import Error, Narration, Progress, Result, Token
+from actors.core.events import Error, Narration, Progress, Result, Token
 from serve_app import sse
 from serve_app.client import (
     AsyncClient,

@@ -15,6 +15,7 @@ import pytest
 from pydantic import BaseModel, ValidationError, field_validator
 
 from actors.config import EngineConfig
+from actors.core.errors import ModelLoadFailed
 from actors.engine import (
     EngineWorker,
     _engine_process_reason,
@@ -23,7 +24,6 @@ from actors.engine import (
     load_failure_message,
     model_context_len,
 )
-from actors.errors import ModelLoadFailed
 
 KV_CACHE_REFUSAL = (
     "ValueError: To serve at least one request with the model's max seq len (4194304), "

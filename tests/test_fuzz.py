@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from actors.config import Config
-from actors.errors import InvalidRequest
+from actors.core.errors import InvalidRequest
 from actors.operations import OPERATION_NAMES, check_model_id
 from serve_app.app import build_app
 from tests.helpers import read_sse, submit, wait_state

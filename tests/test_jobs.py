@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from actors.core import JobState, JobTable
-from actors.errors import DownloadFailed, JobNotFound
-from actors.events import Narration, Progress, Result, payload
-from actors.jobs import Jobs
+from actors.core.errors import DownloadFailed, JobNotFound
+from actors.core.events import Narration, Progress, Result, payload
+from actors.core.jobs import Jobs
+from actors.core.table import JobState, JobTable
 
 
 @dataclass(frozen=True)

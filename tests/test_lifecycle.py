@@ -31,9 +31,9 @@ import pytest
 import yaml
 
 from actors.cache import RepoLayout
-from actors.core import JobState
+from actors.core.store import JobStore
+from actors.core.table import JobState
 from actors.procs import shared_memory
-from actors.store import JobStore
 from tests.conftest import free_port
 from tests.helpers import submit, wait_for, wait_state
 

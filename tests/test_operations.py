@@ -1,6 +1,6 @@
 import pytest
 
-from actors.errors import InvalidRequest, UnsafePath
+from actors.core.errors import InvalidRequest, UnsafePath
 from actors.operations import ModelDownload, check_id, is_id, parse_operation
 
 

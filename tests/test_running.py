@@ -9,8 +9,8 @@ from contextlib import aclosing
 
 import pytest
 
-from actors.events import Narration, StreamEvent, Token
-from actors.running import Runs, batched
+from actors.core.events import Narration, StreamEvent, Token
+from actors.core.running import Runs, batched
 
 
 async def _forever(run):

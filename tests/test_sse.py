@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.events import Error, Narration, Progress, Result, StreamEvent, Token
+from actors.core.events import Error, Narration, Progress, Result, StreamEvent, Token
 from serve_app import sse
 
 

@@ -3,10 +3,10 @@ in it (or wrong with its folder) keeps a registry from starting. No Ray."""
 
 import json
 
-from actors.core import JobRecord, JobState, JobTable
-from actors.errors import JobCancelled
-from actors.events import Narration, Result
-from actors.store import FILE, JobStore
+from actors.core.errors import JobCancelled
+from actors.core.events import Narration, Result
+from actors.core.store import FILE, JobStore
+from actors.core.table import JobRecord, JobState, JobTable
 
 
 async def _finished(table: JobTable, store: JobStore, operation: str = "hive_list") -> JobRecord:

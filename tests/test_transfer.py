@@ -16,7 +16,7 @@ import filelock
 import httpx
 import pytest
 
-from actors.errors import BadHubAnswer, DownloadFailed, IntegrityError
+from actors.core.errors import BadHubAnswer, DownloadFailed, IntegrityError
 from actors.transfer import BandwidthLimiter, Downloader, FileSpec
 from tests.fakehub import FakeHub
 

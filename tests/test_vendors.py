@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from actors.config import DownloadConfig
-from actors.errors import BadHubAnswer, DownloadFailed
+from actors.core.errors import BadHubAnswer, DownloadFailed
 from actors.operations import ModelDownload
 from actors.transfer import Downloader
 from actors.vendors import HfVendor, UrlVendor

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from actors.events import Error, Event, Progress, Result, StreamEvent, payload
+from actors.core.events import Error, Event, Progress, Result, StreamEvent, payload
 
 
 class JobState(StrEnum):
@@ -177,7 +177,7 @@ class JobTable:
             del self._jobs[job_id]
 
     def restore(self, saved: dict[str, Any], events: list[StreamEvent]) -> JobRecord:
-        """Put back a job remembered on disk (see ``actors.store``)."""
+        """Put back a job remembered on disk (see ``actors.core.store``)."""
         record = JobRecord(
             job_id=saved["job_id"],
             operation=saved["operation"],

@@ -3,9 +3,9 @@ import pickle
 
 import pytest
 
-from actors import errors
-from actors.core import ALLOWED, EventLog, IllegalTransition, JobState, JobTable
-from actors.events import Error, Narration, Progress, Result, Token, payload
+from actors.core import errors
+from actors.core.events import Error, Narration, Progress, Result, Token, payload
+from actors.core.table import ALLOWED, EventLog, IllegalTransition, JobState, JobTable
 
 
 def test_terminal_states_allow_nothing():

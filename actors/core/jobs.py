@@ -13,10 +13,10 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from actors.core import IllegalTransition, JobRecord, JobState, JobTable
-from actors.errors import InternalError, JobCancelled, JobNotFound, RbeeError, rbee_cause
-from actors.events import Error, Event, Narration, Result, StreamEvent
-from actors.logs import context
+from actors.core.errors import InternalError, JobCancelled, JobNotFound, RbeeError, rbee_cause
+from actors.core.events import Error, Event, Narration, Result, StreamEvent
+from actors.core.logs import context
+from actors.core.table import IllegalTransition, JobRecord, JobState, JobTable
 
 log = logging.getLogger("rbee.jobs")
 

@@ -19,7 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
-from actors.events import Event, StreamEvent, Token
+from actors.core.events import Event, StreamEvent, Token
 
 FEED_EVENTS = 10_000
 """The most events a run keeps for watchers; one who falls further behind reads the registry."""

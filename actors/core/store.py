@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from actors.core import JobRecord, JobState
-from actors.errors import RbeeError, WorkerDied
-from actors.events import Error, StreamEvent, event_from, payload
+from actors.core.errors import RbeeError, WorkerDied
+from actors.core.events import Error, StreamEvent, event_from, payload
+from actors.core.table import JobRecord, JobState
 
 log = logging.getLogger("rbee.store")
 

@@ -1,0 +1,41 @@
+"""The layout holds: rbee's core imports nothing but the standard library and itself."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+CORE = Path(__file__).resolve().parent.parent / "actors" / "core"
+
+
+def _imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+        elif isinstance(node, ast.ImportFrom):  # relative: inside the package
+            names.append("actors.core")
+    return names
+
+
+def test_the_core_imports_only_the_standard_library_and_itself():
+    modules = sorted(CORE.glob("*.py"))
+    assert len(modules) > 5, modules
+    foreign = {
+        f"{path.name}: {name}"
+        for path in modules
+        for name in _imports(path)
+        if name.split(".")[0] not in sys.stdlib_module_names
+        and name != "actors.core"
+        and not name.startswith("actors.core.")
+    }
+    assert not foreign, sorted(foreign)
+
+
+def test_the_check_would_see_a_foreign_import(tmp_path):
+    module = tmp_path / "bad.py"
+    module.write_text("import ray\nfrom actors.config import Config\nfrom . import table\n")
+    assert _imports(module) == ["ray", "actors.config", "actors.core"]
