@@ -174,7 +174,8 @@ def random_file(path: Path, size: int, chunk: int = 8 * MiB) -> Path:
 
 
 def hive_config(run: Run, hub_url: str, **downloads: Any) -> Any:
-    """The hive's config: a fresh cache and state dir, a free port, our download settings."""
+    """The hive's config: a fresh cache and state dir, a free port, our download settings,
+    Serve's fast path (HAProxy) unless ``RBEE_INGRESS=proxy``."""
     from actors.config import Config
 
     return Config.load(
@@ -182,7 +183,11 @@ def hive_config(run: Run, hub_url: str, **downloads: Any) -> Any:
         hub={"endpoint": hub_url},
         cache_dir=run.scratch("hf-cache"),
         state_dir=run.scratch("state"),
-        server={"host": "127.0.0.1", "port": free_port()},
+        server={
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "ingress": os.environ.get("RBEE_INGRESS") or "haproxy",
+        },
         downloads=downloads,
         embedded=False,
         preload=[],

@@ -177,7 +177,7 @@ def _configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ingress",
         choices=["haproxy", "proxy"],
-        default="haproxy",
+        default=os.environ.get("RBEE_INGRESS") or "haproxy",
         help="Ray Serve's ingress: HAProxy with direct ingress (rbee's fast path) or its Python proxy",
     )
 
