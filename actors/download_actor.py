@@ -8,14 +8,14 @@ import httpx
 import ray
 from ray.util import metrics
 
+from actors.adapters.downloads import ModelDownloads
+from actors.adapters.transfer import BandwidthLimiter, Downloader
+from actors.adapters.vendors import HfVendor, UrlVendor
 from actors.config import Config
 from actors.core import logs
 from actors.core.events import StreamEvent
 from actors.core.running import FLUSH_S, batched
-from actors.downloads import ModelDownloads
 from actors.operations import ModelDownload
-from actors.transfer import BandwidthLimiter, Downloader
-from actors.vendors import HfVendor, UrlVendor
 
 
 @ray.remote(num_cpus=0, max_concurrency=1000)

@@ -13,12 +13,12 @@ from typing import Any
 
 import ray
 
-from actors.cache import Catalog
+from actors.adapters.cache import Catalog
+from actors.adapters.embedded import LOCAL_ID, gguf_path
 from actors.config import Config
 from actors.core import logs
 from actors.core.events import Event, Narration, Result, StreamEvent
 from actors.core.running import FLUSH_S, Runs, batched
-from actors.embedded import LOCAL_ID, gguf_path
 from actors.operations import (
     HiveStatus,
     ModelDelete,

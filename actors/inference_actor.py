@@ -11,11 +11,11 @@ from typing import Any
 import ray
 from ray.util import metrics
 
+from actors.adapters.engine import EngineWorker
 from actors.config import EngineConfig
 from actors.core import logs
 from actors.core.events import StreamEvent, Token
 from actors.core.running import FLUSH_S, batched
-from actors.engine import EngineWorker
 from actors.operations import Infer
 
 

@@ -26,7 +26,8 @@ import ray
 from ray.exceptions import TaskCancelledError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.cache import Catalog
+from actors.adapters.cache import Catalog
+from actors.adapters.embedded import LOCAL_ID, ensure_embedded
 from actors.config import Config
 from actors.core import logs
 from actors.core.errors import (
@@ -41,7 +42,6 @@ from actors.core.errors import (
     rbee_cause,
 )
 from actors.core.events import Event, Narration, Result
-from actors.embedded import LOCAL_ID, ensure_embedded
 from actors.inference_actor import InferenceActor
 from actors.naming import NAMESPACE, worker_name
 from actors.procs import Leftovers

@@ -30,7 +30,7 @@ def add_model_flag(parser: argparse.ArgumentParser) -> None:
 def prepare(run: Run) -> tuple[Model, Any]:
     """Build or convert the model, and a hive config whose cache will hold it."""
     if run.args.model == "smollm2":
-        from actors.embedded import LOCAL_ID, ensure_embedded
+        from actors.adapters.embedded import LOCAL_ID, ensure_embedded
 
         config = hive_config(run, "http://127.0.0.1:9")
         config = config.model_copy(update={"embedded": True})

@@ -5,7 +5,7 @@ Same file, same local fake hub (served from its own process), same run, fresh ca
 * ``hf``      — ``huggingface_hub.hf_hub_download(repo, file, endpoint=hub, cache_dir=...)``;
 * ``stack``   — rbee end to end: ``POST /v1/jobs`` ``model_download`` to a running hive, then
   its SSE stream until ``[DONE]`` (plan, parallel ranges, sha256 check, cache layout);
-* ``direct``  — ``actors.transfer.Downloader.fetch`` alone (the byte mover, sha256 included),
+* ``direct``  — ``actors.adapters.transfer.Downloader.fetch`` alone (the byte mover, sha256 included),
   with the hive's download settings.
 
 Then the same under a per-connection throttle on the hub, where parallel ranges must win.
@@ -179,7 +179,7 @@ def _direct(endpoint: str, cache: Path, size: int, sha256: str, cfg: Any) -> tup
     import httpx
     from huggingface_hub import hf_hub_url
 
-    from actors.transfer import BandwidthLimiter, Downloader, FileSpec
+    from actors.adapters.transfer import BandwidthLimiter, Downloader, FileSpec
 
     dest = cache / f"models--{REPO.replace('/', '--')}" / "blobs" / sha256
     spec = FileSpec(url=hf_hub_url(REPO, FILE, endpoint=endpoint), dest=dest, size=size,

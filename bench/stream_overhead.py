@@ -42,7 +42,7 @@ def direct(model: Model, max_tokens: int, rounds: int) -> tuple[Rates, float]:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from actors.engine import WARMUP_PROMPT
+    from actors.adapters.engine import WARMUP_PROMPT
 
     async def measure() -> tuple[Rates, float]:
         engine = AsyncLLM.from_engine_args(

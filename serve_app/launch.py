@@ -27,13 +27,13 @@ import httpx
 import ray
 from ray import serve
 
+from actors.adapters.embedded import LOCAL_ID
 from actors.cluster import shutdown_cluster
 from actors.config import Config, ServerConfig
 from actors.core import logs
 from actors.core.errors import JobCancelled
 from actors.core.store import JobStore
 from actors.core.table import JobState
-from actors.embedded import LOCAL_ID
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
 from serve_app.app import is_loopback

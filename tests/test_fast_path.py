@@ -3,7 +3,9 @@ HTTP itself, set up per server, answering only this machine when it listens on l
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import socket
 import subprocess
 from pathlib import Path
@@ -94,6 +96,16 @@ def test_two_instances_get_their_own_files_and_ports():
         with fast_path("haproxy"):
             seen.append({k: os.environ[k] for k in os.environ if k.startswith("RAY_SERVE_")})
     assert seen[0]["RAY_SERVE_HAPROXY_SOCKET_PATH"] != seen[1]["RAY_SERVE_HAPROXY_SOCKET_PATH"]
+    # Every file Ray's HAProxy would put under its fixed /tmp/haproxy-serve goes in the
+    # instance's own folder (removed with it): none is left behind or shared.
+    import ray.serve._private.constants as serve_constants
+
+    source = Path(inspect.getsourcefile(serve_constants) or "").read_text()
+    fixed = set(re.findall(r'"(RAY_SERVE_[A-Z_]+)",\s*"/tmp/haproxy-serve', source))
+    assert "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH" in fixed
+    for env in seen:
+        workdir = Path(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+        assert all(Path(env[name]).is_relative_to(workdir) for name in fixed), fixed - set(env)
     for env in seen:  # never Ray's fixed 8404, 9101, 30000, nor the ephemeral range
         ports = [int(env[k]) for k in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                                        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT",

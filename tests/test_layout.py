@@ -1,4 +1,5 @@
-"""The layout holds: rbee's core imports nothing but the standard library and itself."""
+"""The layout holds: rbee's core imports nothing but the standard library and itself;
+its border to the hub, the cache and vLLM does not import Ray."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import ast
 import sys
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parent.parent / "actors" / "core"
+ACTORS = Path(__file__).resolve().parent.parent / "actors"
+CORE = ACTORS / "core"
 
 
 def _imports(path: Path) -> list[str]:
@@ -39,3 +41,15 @@ def test_the_check_would_see_a_foreign_import(tmp_path):
     module = tmp_path / "bad.py"
     module.write_text("import ray\nfrom actors.config import Config\nfrom . import table\n")
     assert _imports(module) == ["ray", "actors.config", "actors.core"]
+
+
+def test_the_border_to_hub_cache_and_vllm_does_not_import_ray():
+    modules = sorted((ACTORS / "adapters").glob("*.py"))
+    assert len(modules) > 5, modules
+    with_ray = {
+        f"{path.name}: {name}"
+        for path in modules
+        for name in _imports(path)
+        if name.split(".")[0] == "ray" or name.startswith(("actors.registry", "actors.hive"))
+    }
+    assert not with_ray, sorted(with_ray)

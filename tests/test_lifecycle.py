@@ -30,7 +30,7 @@ import psutil
 import pytest
 import yaml
 
-from actors.cache import RepoLayout
+from actors.adapters.cache import RepoLayout
 from actors.core.store import JobStore
 from actors.core.table import JobState
 from actors.procs import shared_memory

@@ -16,8 +16,8 @@ import filelock
 import httpx
 import pytest
 
+from actors.adapters.transfer import BandwidthLimiter, Downloader, FileSpec
 from actors.core.errors import BadHubAnswer, DownloadFailed, IntegrityError
-from actors.transfer import BandwidthLimiter, Downloader, FileSpec
 from tests.fakehub import FakeHub
 
 REPO = "org/tiny"

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
+from actors.adapters.transfer import Downloader
+from actors.adapters.vendors import HfVendor, UrlVendor
 from actors.config import DownloadConfig
 from actors.core.errors import BadHubAnswer, DownloadFailed
 from actors.operations import ModelDownload
-from actors.transfer import Downloader
-from actors.vendors import HfVendor, UrlVendor
 from tests.fakehub import FakeHub
 
 DATA = b"x" * 1000

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from actors.cache import RepoLayout
+from actors.adapters.cache import RepoLayout
 
 log = logging.getLogger("rbee.embedded")
 
@@ -64,7 +64,7 @@ def _convert(gguf: Path, out: Path) -> None:
         quantization_config=GgufConfig(dequantize=True),
     )
     # The weights are dequantized now: save them as a plain bf16 model vLLM can load.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers' stub is too narrow
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = ["LlamaForCausalLM"]

@@ -2,7 +2,7 @@
 
 ``hf`` asks a Hugging Face hub (through ``huggingface_hub``) for the commit and its file list;
 ``url`` takes one plain HTTP(S) file, e.g. a GitHub release asset. rbee moves the bytes itself
-(``actors.transfer``) because ``huggingface_hub`` has no cancel hook.
+(``actors.adapters.transfer``) because ``huggingface_hub`` has no cancel hook.
 
 Whatever a hub answers is checked before it names a path: commit ids and blob ids must be
 hex of their length, file paths relative and inside the snapshot, sizes whole numbers. A
@@ -37,7 +37,8 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defined]
 
-from actors.cache import RepoLayout, check_commit, check_etag, is_commit
+from actors.adapters.cache import RepoLayout, check_commit, check_etag, is_commit
+from actors.adapters.transfer import FileSpec, content_length, transport_errors
 from actors.config import DownloadConfig
 from actors.core.errors import (
     BadHubAnswer,
@@ -47,7 +48,6 @@ from actors.core.errors import (
     UnsafePath,
 )
 from actors.operations import ModelDownload, check_relative_path
-from actors.transfer import FileSpec, content_length, transport_errors
 
 T = TypeVar("T")
 

@@ -10,13 +10,13 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
+from actors.adapters.downloads_progress import ProgressMeter
+from actors.adapters.transfer import Downloader
+from actors.adapters.vendors import DownloadPlan, PlannedFile, Vendor
 from actors.core.errors import DownloadFailed, InvalidRequest
 from actors.core.events import Event, Narration, Progress, Result, StreamEvent
 from actors.core.running import Run, Runs
-from actors.downloads_progress import ProgressMeter
 from actors.operations import ModelDownload
-from actors.transfer import Downloader
-from actors.vendors import DownloadPlan, PlannedFile, Vendor
 
 ACTOR = "download"
 

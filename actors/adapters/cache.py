@@ -19,9 +19,9 @@ from typing import Any
 from huggingface_hub import scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
+from actors.adapters.transfer import check_inside
 from actors.core.errors import BadHubAnswer, ModelNotFound
 from actors.operations import check_model_id, check_relative_path
-from actors.transfer import check_inside
 
 INCOMPLETE = ".incomplete"
 
