@@ -64,7 +64,7 @@ class ServerConfig(_Section):
     keepalive_s: float = Field(default=15.0, gt=0)
     #: ``haproxy``: Ray Serve's HAProxy ingress and fast data plane (``serve_app.fast_path``),
     #: for a Ray rbee starts itself; ``proxy``: Serve's Python proxy
-    ingress: Literal["haproxy", "proxy"] = "proxy"
+    ingress: Literal["haproxy", "proxy"] = "haproxy"
 
 
 class Config(_Section):

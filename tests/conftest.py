@@ -61,7 +61,7 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
         hub={"endpoint": hub.url, "token": HUB_TOKEN},
         cache_dir=cache_dir,
         state_dir=tmp_path_factory.mktemp("state"),
-        # The session runs Serve's fast path (HAProxy); servers the tests start run the default.
+        # The session runs Serve's fast path (HAProxy), as servers the tests start do by default.
         server={"host": "127.0.0.1", "port": free_port(), "keepalive_s": 1.0, "ingress": "haproxy"},
         downloads={
             "concurrency": 2,

@@ -84,8 +84,8 @@ def test_fast_path_sets_this_instances_environment_and_restores_it():
 
 
 def test_the_ingress_setting():
-    assert Config.load(env={}).server.ingress == "proxy"
-    assert Config.load(env={"RBEE_INGRESS": "haproxy"}).server.ingress == "haproxy"
+    assert Config.load(env={}).server.ingress == "haproxy"
+    assert Config.load(env={"RBEE_INGRESS": "proxy"}).server.ingress == "proxy"
     with pytest.raises(ValueError):
         Config.load(env={"RBEE_INGRESS": "nginx"})
 
