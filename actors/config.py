@@ -62,7 +62,7 @@ class ServerConfig(_Section):
     api_token: SecretStr | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     keepalive_s: float = Field(default=15.0, gt=0)
-    #: ``haproxy``: Ray Serve's HAProxy ingress and fast data plane (``serve_app.fast_path``),
+    #: ``haproxy``: Ray Serve's HAProxy ingress and fast data plane (``serve_app.server.fast_path``),
     #: for a Ray rbee starts itself; ``proxy``: Serve's Python proxy
     ingress: Literal["haproxy", "proxy"] = "haproxy"
 

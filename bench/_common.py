@@ -196,7 +196,7 @@ def hive_config(run: Run, hub_url: str, **downloads: Any) -> Any:
 
 def start_hive(run: Run, config: Any, *, num_cpus: int = 2, dashboard: bool = False) -> Any:
     """A running hive (local Ray, rbee's actors, the Serve app), stopped when the run ends."""
-    from serve_app.launch import Hive
+    from serve_app.server.launch import Hive
 
     ray_init: dict[str, Any] = {
         "num_cpus": num_cpus,

@@ -54,7 +54,7 @@ def ray_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     from actors.config import Config
-    from serve_app.launch import Hive
+    from serve_app.server.launch import Hive
 
     config = Config.load(
         env={},

@@ -21,8 +21,8 @@ from rich.console import Console
 
 from actors.core.events import Narration, Progress, Result, Token
 from actors.operations import OPERATION_NAMES
-from serve_app import cli_render
-from serve_app.client import StreamEvent
+from serve_app.client import render as cli_render
+from serve_app.client.api import StreamEvent
 from tests.conftest import free_port
 from tests.helpers import job, wait_for, wait_state
 
@@ -306,7 +306,7 @@ NO_INFERENCE = importlib.util.find_spec("vllm") is None or "infer" not in OPERAT
 
 def test_the_default_model_is_the_embedded_one():
     from actors.adapters.embedded import LOCAL_ID
-    from serve_app.cli import DEFAULT_MODEL
+    from serve_app.client.cli import DEFAULT_MODEL
 
     assert DEFAULT_MODEL == LOCAL_ID
 

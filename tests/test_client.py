@@ -34,7 +34,7 @@ from actors.core.errors import (
 )
 from actors.core.events import Error, Narration, Progress, Result, Token
 from serve_app import sse
-from serve_app.client import (
+from serve_app.client.api import (
     AsyncClient,
     Client,
     ServerError,

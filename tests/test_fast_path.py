@@ -1,4 +1,4 @@
-"""Ray Serve's fast path (``serve_app.fast_path``): HAProxy in front of a replica that serves
+"""Ray Serve's fast path (``serve_app.server.fast_path``): HAProxy in front of a replica that serves
 HTTP itself, set up per server, answering only this machine when it listens on loopback."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from actors.config import Config
-from serve_app.fast_path import WRAPPER, fast_path, haproxy_binary, wrapper_path
+from serve_app.server.fast_path import WRAPPER, fast_path, haproxy_binary, wrapper_path
 
 RAY_VARS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_SERVE_HAPROXY_SOCKET_PATH")
 
@@ -114,7 +114,7 @@ def test_two_instances_get_their_own_files_and_ports():
 
 
 def test_two_servers_never_hold_the_same_ports():
-    from serve_app.fast_path import BLOCK, reserve_ports
+    from serve_app.server.fast_path import BLOCK, reserve_ports
 
     with reserve_ports() as first, reserve_ports() as second:
         assert abs(first - second) >= BLOCK
@@ -127,7 +127,7 @@ def test_two_servers_never_hold_the_same_ports():
 def test_a_loopback_server_refuses_other_machines_and_a_public_one_does_not():
     from starlette.testclient import TestClient
 
-    from serve_app.app import build_app
+    from serve_app.server.app import build_app
 
     loopback = build_app(Config.load(env={}), registry=None)
     with TestClient(loopback, client=("192.0.2.9", 4000)) as outside:

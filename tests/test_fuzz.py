@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 from actors.config import Config
 from actors.core.errors import InvalidRequest
 from actors.operations import OPERATION_NAMES, check_model_id
-from serve_app.app import build_app
+from serve_app.server.app import build_app
 from tests.helpers import read_sse, submit, wait_state
 
 pytestmark = pytest.mark.ray

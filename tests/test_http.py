@@ -11,8 +11,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from actors.config import Config
-from serve_app.app import build_app
-from serve_app.launch import is_loopback, open_without_token
+from serve_app.server.app import build_app
+from serve_app.server.launch import is_loopback, open_without_token
 from tests.helpers import job, read_sse, submit, wait_state
 
 

@@ -1,5 +1,6 @@
 """The layout holds: rbee's core imports nothing but the standard library and itself;
-its border to the hub, the cache and vLLM does not import Ray."""
+its border to the hub, the cache and vLLM does not import Ray; the client side imports
+neither Ray nor the server (``rbee serve`` loads the server when it runs)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,26 @@ def test_the_border_to_hub_cache_and_vllm_does_not_import_ray():
         if name.split(".")[0] == "ray" or name.startswith(("actors.registry", "actors.hive"))
     }
     assert not with_ray, sorted(with_ray)
+
+
+def _top_level_imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_the_client_side_imports_neither_ray_nor_the_server():
+    client = ACTORS.parent / "serve_app" / "client"
+    modules = sorted(client.glob("*.py"))
+    assert len(modules) >= 4, modules
+    found = {
+        f"{path.name}: {name}"
+        for path in modules
+        for name in _top_level_imports(path)
+        if name.split(".")[0] == "ray" or name.startswith("serve_app.server")
+    }
+    assert not found, sorted(found)

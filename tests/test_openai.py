@@ -178,7 +178,7 @@ def test_sixty_official_clients_that_go_away_all_abort(api, hive, worker):
     text=st.text(max_size=40),
 )
 def test_a_token_chunk_made_from_its_template_is_the_chunk_built_whole(kind, model, text):
-    from serve_app.openai import _Chunks, _sse
+    from serve_app.server.openai import _Chunks, _sse
 
     chunks = _Chunks(kind, "job-0b1c", model)
     assert chunks.delta_sse(text) == _sse(chunks.delta(text))

@@ -21,8 +21,8 @@ from actors.core.errors import InvalidRequest, JobFinished, JobNotFound, RbeeErr
 from actors.core.table import JobState
 from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
-from serve_app.errors import EXCEPTION_HANDLERS, error_body
-from serve_app.jobstream import (
+from serve_app.server.errors import EXCEPTION_HANDLERS, error_body
+from serve_app.server.jobstream import (
     End,
     Idle,
     Item,
@@ -32,7 +32,7 @@ from serve_app.jobstream import (
     read,
     remote,
 )
-from serve_app.openai import OpenAi
+from serve_app.server.openai import OpenAi
 
 log = logging.getLogger("rbee.http")
 

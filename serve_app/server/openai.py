@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from actors.core.errors import InvalidRequest, RbeeError
 from actors.core.events import Error, Result, StreamEvent, Token
-from serve_app.jobstream import JobStream
+from serve_app.server.jobstream import JobStream
 
 log = logging.getLogger("rbee.openai")
 

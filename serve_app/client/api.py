@@ -3,7 +3,7 @@
 ::
 
     from actors.core.events import Progress
-    from serve_app.client import Client, operation
+    from serve_app.client.api import Client, operation
 
     with Client() as rbee:                       # RBEE_URL, else http://127.0.0.1:7835
         job_id = rbee.submit(operation("model_download", model="org/name"))  # returns at once
@@ -26,7 +26,7 @@ deployment reaches rbee through a ``DeploymentHandle``, typed events and errors 
 
     from ray import serve
     from ray.serve.handle import DeploymentHandle
-    from serve_app.client import AsyncClient, operation
+    from serve_app.client.api import AsyncClient, operation
 
     @serve.deployment
     class Fetcher:

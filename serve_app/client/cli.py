@@ -27,8 +27,8 @@ import typer
 from rich.console import Console
 
 from actors.core.errors import RbeeError
-from serve_app import cli_render as render
-from serve_app.client import DEFAULT_URL, Client, ServerUnavailable, operation
+from serve_app.client import render
+from serve_app.client.api import DEFAULT_URL, Client, ServerUnavailable, operation
 
 app = typer.Typer(
     help="rbee: LLM jobs on Ray you can watch live and really cancel.", no_args_is_help=True
@@ -179,7 +179,7 @@ def serve(
     Ctrl+C or SIGTERM (to this process or its whole group) cancels the running jobs, stops
     every engine and Ray, and exits within 15 s. Preloads load in the background.
     """
-    from serve_app.launch import Hive
+    from serve_app.server.launch import Hive
 
     overrides: dict[str, Any] = {
         k: v for k, v in {"server__host": host, "server__port": port}.items() if v is not None

@@ -34,7 +34,7 @@ from rich.text import Text
 
 from actors.core.events import Narration, Result, Token, payload
 from actors.core.events import Progress as ProgressEvent
-from serve_app.client import Client, StreamEvent
+from serve_app.client.api import Client, StreamEvent
 
 #: Piped output is not cut to 80 columns: scripts get whole ids and paths.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 500)

@@ -1,6 +1,6 @@
 """The Ray Serve deployment that hosts the Starlette ingress.
 
-``serve run configs/serve.yaml`` imports ``serve_app.deployment:app_builder``; ``rbee serve``
+``serve run configs/serve.yaml`` imports ``serve_app.server.deployment:app_builder``; ``rbee serve``
 binds ``Ingress`` itself. Either way the replica brings up (or finds) rbee's actors.
 """
 
@@ -13,7 +13,7 @@ from ray.serve import Application
 
 from actors.cluster import ensure_cluster
 from actors.config import Config
-from serve_app.app import build_app
+from serve_app.server.app import build_app
 
 APP_NAME = "rbee"
 
