@@ -52,8 +52,9 @@ class InferenceActor:
             yield batch
 
     async def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:
-        """The job's events after ``after``, live (tokens gathered for ``stream_linger_ms``
-        after the first), while it runs here: the short road to an HTTP response."""
+        """The job's events after ``after``, live (tokens at most one list per
+        ``stream_linger_ms``, the first at once), while it runs here: the short road to an
+        HTTP response."""
         async for batch in self._worker.watch(job_id, after, self._linger_s):
             yield batch
 

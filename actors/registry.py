@@ -1,7 +1,7 @@
 """``JobRegistry``: the one named, detached actor that holds every job.
 
 It keeps each job's record, event log and cancel flag, and the ``ObjectRefGenerator`` of the
-call doing the work; the logic lives in ``actors.core.jobs.Jobs`` and ``actors.core.JobTable``.
+call doing the work; the logic lives in ``actors.core.jobs.Jobs`` and ``actors.core.table.JobTable``.
 """
 
 from __future__ import annotations

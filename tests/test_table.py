@@ -36,6 +36,9 @@ def test_event_log_is_bounded_and_keeps_counting():
     kept = log.after(0)
     assert [e.id for e in kept] == [3, 4, 5]
     assert payload(log.after(4)[0].event) == {"text": "4", "index": 5}
+    assert [e.id for e in log.after(0, limit=2)] == [3, 4]  # a page: the oldest kept first
+    assert [e.id for e in log.after(3, limit=10)] == [4, 5]
+    assert log.after(5, limit=1) == []
 
 
 async def test_emit_updates_record_and_is_dropped_after_terminal():

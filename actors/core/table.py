@@ -122,8 +122,8 @@ class EventLog:
         if not self._events or self._events[-1].id <= seq:
             return []
         start = max(0, seq + 1 - self._events[0].id)  # ids are consecutive within the log
-        out = [self._events[i] for i in range(start, len(self._events))]
-        return out if limit is None else out[:limit]
+        end = len(self._events) if limit is None else min(len(self._events), start + limit)
+        return [self._events[i] for i in range(start, end)]
 
 
 @dataclass
