@@ -12,10 +12,12 @@ from actors.download_actor import DownloadActor
 from actors.hive import Hive
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.registry import JobRegistry
+from actors.remote import actor_class, alive_nodes
 
-
-def alive_nodes() -> list[dict[str, Any]]:
-    return [n for n in ray.nodes() if n.get("Alive")]
+# Each of these waits on I/O (num_cpus=0: the engines own the cores) with many calls in flight.
+HIVE = actor_class(Hive, num_cpus=0, max_concurrency=1000)
+DOWNLOADS = actor_class(DownloadActor, num_cpus=0, max_concurrency=1000)
+JOBS = actor_class(JobRegistry, num_cpus=0, max_concurrency=10_000)
 
 
 def ensure_cluster(config: Config) -> Any:
@@ -29,13 +31,13 @@ def ensure_cluster(config: Config) -> Any:
             "get_if_exists": True,
             "max_restarts": -1,  # a crashed hive comes back; its jobs fail as WORKER_DIED
         }
-        Hive.options(name=hive_name(hive_id), scheduling_strategy=on_node, **common).remote(
+        HIVE.options(name=hive_name(hive_id), scheduling_strategy=on_node, **common).remote(
             config, hive_id, node["NodeID"]
         )
-        DownloadActor.options(
+        DOWNLOADS.options(
             name=download_name(hive_id), scheduling_strategy=on_node, **common
         ).remote(config)
-    registry = JobRegistry.options(
+    registry: Any = JOBS.options(
         name=REGISTRY,
         namespace=NAMESPACE,
         lifetime="detached",

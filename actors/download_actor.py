@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import httpx
-import ray
 from ray.util import metrics
 
 from actors.adapters.downloads import ModelDownloads
 from actors.adapters.transfer import BandwidthLimiter, Downloader
-from actors.adapters.vendors import HfVendor, UrlVendor
+from actors.adapters.vendors import HfVendor, UrlVendor, Vendor
 from actors.config import Config
 from actors.core import logs
 from actors.core.events import StreamEvent
@@ -18,7 +17,6 @@ from actors.core.running import FLUSH_S, batched
 from actors.operations import ModelDownload
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
 class DownloadActor:
     def __init__(self, config: Config) -> None:
         logs.configure()
@@ -38,7 +36,7 @@ class DownloadActor:
             retries=cfg.retries,
         )
         token = config.hub.token.get_secret_value() if config.hub.token else None
-        vendors = {
+        vendors: dict[str, Vendor] = {
             "hf": HfVendor(config.hub.endpoint, token, config.cache_dir, cfg),
             "url": UrlVendor(self._client, config.cache_dir, cfg),
         }

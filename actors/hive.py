@@ -11,8 +11,6 @@ import socket
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
-import ray
-
 from actors.adapters.cache import Catalog
 from actors.adapters.embedded import LOCAL_ID, gguf_path
 from actors.config import Config
@@ -28,12 +26,12 @@ from actors.operations import (
     WorkerSpawn,
     WorkerStop,
 )
+from actors.remote import nodes
 from actors.workers import WorkerPool
 
 ACTOR = "hive"
 
 
-@ray.remote(num_cpus=0, max_concurrency=1000)
 class Hive:
     def __init__(self, config: Config, hive_id: str, node_id: str) -> None:
         logs.configure()
@@ -131,7 +129,7 @@ class Hive:
         raise TypeError(f"the hive does not run {op.operation}")
 
     def _node(self) -> dict[str, Any]:
-        return next((n for n in ray.nodes() if n["NodeID"] == self._node_id), {})
+        return next((n for n in nodes() if n["NodeID"] == self._node_id), {})
 
     def status(self) -> dict[str, Any]:
         node = self._node()

@@ -19,7 +19,6 @@ from actors.core.running import FLUSH_S, batched
 from actors.operations import Infer
 
 
-@ray.remote(max_concurrency=1000)
 class InferenceActor:
     def __init__(self, worker_id: str, model: str, device: str) -> None:
         logs.configure()

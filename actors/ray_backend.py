@@ -22,6 +22,7 @@ from actors.core.jobs import Lease
 from actors.core.table import JobRecord
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.operations import HiveList, Infer, ModelDownload
+from actors.remote import alive_nodes, nodes
 
 log = logging.getLogger("rbee.backend")
 
@@ -158,11 +159,11 @@ class RayBackend:
 
     def _alive(self) -> list[dict[str, Any]]:
         """Alive nodes, re-read at most every few seconds (``ray.nodes`` blocks the loop)."""
-        read_at, nodes = self._nodes
+        read_at, alive = self._nodes
         if time.monotonic() - read_at > _NODES_TTL_S:
-            nodes = [n for n in ray.nodes() if n.get("Alive")]
-            self._nodes = (time.monotonic(), nodes)
-        return nodes
+            alive = alive_nodes()
+            self._nodes = (time.monotonic(), alive)
+        return alive
 
 
 def _first_line(exc: BaseException) -> str:
@@ -175,7 +176,7 @@ def _default_hive_id() -> str:
 
 def _hive_list() -> list[dict[str, Any]]:
     out = []
-    for node in ray.nodes():
+    for node in nodes():
         resources = node.get("Resources", {})
         out.append(
             {

@@ -10,7 +10,6 @@ import asyncio
 import time
 from typing import Any
 
-import ray
 from ray.util import metrics
 
 from actors.config import Config
@@ -24,7 +23,6 @@ from actors.operations import parse_operation
 from actors.ray_backend import RayBackend
 
 
-@ray.remote(num_cpus=0, max_concurrency=10_000)
 class JobRegistry:
     def __init__(self, config: Config) -> None:
         logs.configure()

@@ -45,8 +45,12 @@ from actors.core.events import Event, Narration, Result
 from actors.inference_actor import InferenceActor
 from actors.naming import NAMESPACE, worker_name
 from actors.procs import Leftovers
+from actors.remote import actor_class
 
 log = logging.getLogger("rbee.workers")
+
+# An engine's actor serves many streams at once.
+ENGINES = actor_class(InferenceActor, max_concurrency=1000)
 
 ACTOR = "hive"
 _STOP_BOUND_S = 30.0
@@ -136,7 +140,7 @@ class WorkerPool:
         for name in names:
             try:
                 actor = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
-                info = await asyncio.wait_for(actor.stats.remote(), _ASK_BOUND_S)
+                info: dict[str, Any] = await asyncio.wait_for(actor.stats.remote(), _ASK_BOUND_S)
             except Exception as exc:  # gone, or not answering: not ours to judge
                 log.warning("could not ask %s what it serves: %r", name, exc)
                 continue
@@ -252,7 +256,7 @@ class WorkerPool:
         try:
             async with asyncio.timeout(engine.load_timeout_s):
                 path = await self._model_path(worker.model)
-                worker.actor = InferenceActor.options(  # type: ignore[attr-defined]
+                worker.actor = ENGINES.options(
                     name=worker_name(worker.worker_id),
                     namespace=NAMESPACE,
                     lifetime="detached",

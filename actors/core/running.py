@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, field
 
 from actors.core.events import Event, StreamEvent, Token
@@ -197,7 +197,7 @@ _END = object()
 
 
 async def batched(
-    events: AsyncGenerator[StreamEvent, None], *, linger_s: float = 0.0, max_items: int = 4096
+    events: AsyncIterable[StreamEvent], *, linger_s: float = 0.0, max_items: int = 4096
 ) -> AsyncGenerator[list[StreamEvent], None]:
     """The same events, in lists, at most one list per ``linger_s``: an event after a quiet
     spell goes at once (a first token is not held back), one that follows closely waits

@@ -290,7 +290,7 @@ def is_loopback(host: str) -> bool:
 def build_app(config: Config, registry: Any) -> ASGIApp:
     app: ASGIApp = Starlette(
         routes=Api(config, registry).routes(),
-        exception_handlers=EXCEPTION_HANDLERS,  # type: ignore[arg-type]
+        exception_handlers=EXCEPTION_HANDLERS,
     )
     app = CorrelationIds(app)
     return LoopbackOnly(app) if is_loopback(config.server.host) else app

@@ -1,7 +1,7 @@
 """The Ray Serve deployment that hosts the Starlette ingress.
 
 ``serve run configs/serve.yaml`` imports ``serve_app.server.deployment:app_builder``; ``rbee serve``
-binds ``Ingress`` itself. Either way the replica brings up (or finds) rbee's actors.
+binds ``INGRESS`` itself. Either way the replica brings up (or finds) rbee's actors.
 """
 
 from __future__ import annotations
@@ -18,13 +18,6 @@ from serve_app.server.app import build_app
 APP_NAME = "rbee"
 
 
-@serve.deployment(
-    name="rbee-ingress",
-    num_replicas=1,
-    ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=10_000,
-)
-@serve.ingress()
 class Ingress:
     def __init__(self, config: Config) -> None:
         self._config = config
@@ -34,6 +27,16 @@ class Ingress:
         return build_app(self._config, self._registry)
 
 
+# Serve's decorators, applied as calls: a class decorator does not change what a type
+# checker thinks the class is, and ``INGRESS.bind`` is what Serve adds.
+INGRESS = serve.deployment(
+    name="rbee-ingress",
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=10_000,
+)(serve.ingress()(Ingress))
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     """Builder for ``serve run``/``serve deploy``: ``args`` may name a ``config`` file."""
-    return Ingress.bind(Config.load(args.get("config")))
+    return INGRESS.bind(Config.load(args.get("config")))

@@ -37,7 +37,7 @@ from actors.core.table import JobState
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
 from serve_app.server.app import is_loopback
-from serve_app.server.deployment import APP_NAME, Ingress
+from serve_app.server.deployment import APP_NAME, INGRESS
 from serve_app.server.fast_path import fast_path
 
 log = logging.getLogger("rbee.launch")
@@ -100,7 +100,7 @@ class Hive:
             if leftovers is not None:
                 leftovers.watch()
             serve.start(http_options={"host": config.server.host, "port": config.server.port})
-            serve.run(Ingress.bind(config), name=APP_NAME, route_prefix="/")
+            serve.run(INGRESS.bind(config), name=APP_NAME, route_prefix="/")
             _wait_healthy(url, config)
             hive.preload()
             yield hive
@@ -193,7 +193,7 @@ def _cancel_jobs() -> None:
     recorded them as cancelled."""
     deadline = time.monotonic() + _CANCEL_S
     registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-    cancel_all = registry.cancel.remote(None, "shutdown")
+    cancel_all: ray.ObjectRef[dict[str, list[str]]] = registry.cancel.remote(None, "shutdown")
     asked: dict[str, list[str]] = ray.get(cancel_all, timeout=2)
     if not asked["job_ids"]:
         return

@@ -239,7 +239,7 @@ class _Chunks:
         return self._delta_head + json.dumps(text) + self._delta_tail
 
     def last(self, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
-        empty = {"delta": {}} if self.kind == "chat.completion" else {"text": ""}
+        empty: dict[str, Any] = {"delta": {}} if self.kind == "chat.completion" else {"text": ""}
         return self._chunk({**empty, "finish_reason": finish or "stop"}, usage=usage)
 
     def whole(self, result: dict[str, Any]) -> dict[str, Any]:
