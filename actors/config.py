@@ -54,6 +54,9 @@ class EngineConfig(_Section):
     load_timeout_s: float = Field(default=600.0, gt=0)
     cpu_threads: int | None = Field(default=None, ge=1)  #: CPU engines: default all cores
     stream_linger_ms: float = Field(default=50.0, ge=0, le=500)  #: tokens gathered per send
+    #: model id → vLLM's tool-call parser for it (``hermes``, ``llama3_json``, ...): its
+    #: OpenAI chats then take ``tool_choice: auto`` and answer ``tool_calls``
+    tool_call_parsers: dict[str, str] = Field(default_factory=dict)
 
 
 class ServerConfig(_Section):

@@ -13,8 +13,10 @@ from typing import Any
 
 from actors.adapters.cache import Catalog
 from actors.adapters.embedded import LOCAL_ID, gguf_path
+from actors.adapters.engine import model_context_len
 from actors.config import Config
 from actors.core import logs
+from actors.core.errors import RbeeError
 from actors.core.events import Event, Narration, Result, StreamEvent
 from actors.core.running import FLUSH_S, Runs, batched
 from actors.operations import (
@@ -79,14 +81,27 @@ class Hive:
         """How each ``preload`` model this hive was asked to start stands (``/health``)."""
         return self._preloads()
 
-    async def models(self) -> list[str]:
+    async def models(self) -> list[dict[str, Any]]:
         """Models this hive can serve: those its workers run, those in its cache, and the
-        embedded one (converted when first asked for) when it is installed."""
+        embedded one (converted when first asked for) when it is installed; each with the
+        context it is served at (a worker's), or else the one its ``config.json`` declares."""
         await self._workers.settled()
-        cached = await asyncio.to_thread(self._catalog.list)
-        served = [w["model"] for w in self._workers.list()]
-        embedded = [LOCAL_ID] if self._config.embedded and gguf_path() is not None else []
-        return sorted({*served, *(m["model"] for m in cached), *embedded})
+        lengths = await asyncio.to_thread(self._declared_lengths)
+        for worker in self._workers.list():
+            lengths[worker["model"]] = worker.get("max_model_len") or lengths.get(worker["model"])
+        if self._config.embedded and gguf_path() is not None:
+            lengths.setdefault(LOCAL_ID, None)
+        return [{"id": m, "max_model_len": n} for m, n in sorted(lengths.items())]
+
+    def _declared_lengths(self) -> dict[str, int | None]:
+        lengths: dict[str, int | None] = {}
+        for entry in self._catalog.list():
+            try:
+                path = self._catalog.local_path(entry["model"])
+            except RbeeError:
+                path = None
+            lengths[entry["model"]] = model_context_len(path) if path else None
+        return lengths
 
     async def stop_workers(self) -> None:
         await self._workers.settled()

@@ -142,8 +142,22 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=200_000)
 
 
+class OpenAiCall(BaseModel):
+    """An OpenAI request as its client sent it, to ``/v1/chat/completions`` (``chat``) or
+    ``/v1/completions``: the worker reads it with vLLM's own models."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    api: Literal["chat", "completions"]
+    request: dict[str, Any]
+
+
+#: What an ``infer`` with ``openai`` may give besides it: the request says the rest.
+_WITH_OPENAI = frozenset({"operation", "model", "openai", "hive_id", "worker_id"})
+
+
 class Infer(_Op):
-    """Generate text. Give ``prompt`` (raw text) or ``messages`` (the chat template applies)."""
+    """Generate text. Give ``prompt`` (raw text), ``messages`` (the chat template applies)
+    or ``openai`` (an OpenAI request, whose own parameters then apply)."""
 
     operation: Literal["infer"]
     model: str
@@ -158,14 +172,21 @@ class Infer(_Op):
         default=None, max_length=8
     )
     ignore_eos: bool = False
+    openai: OpenAiCall | None = None
     worker_id: Id | None = None
 
     _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
 
     @model_validator(mode="after")
     def _one_input(self) -> Infer:
-        if (self.prompt is None) == (self.messages is None):
-            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        given = [self.prompt, self.messages, self.openai]
+        if sum(x is not None for x in given) != 1:
+            raise ValueError("give exactly one of 'prompt', 'messages' and 'openai'")
+        if self.openai is not None:
+            if extra := sorted(self.model_fields_set - _WITH_OPENAI):
+                raise ValueError(f"with 'openai', its request's parameters apply: not {extra}")
+            if self.openai.request.get("model") != self.model:
+                raise ValueError("'model' and the OpenAI request's 'model' differ")
         return self
 
 

@@ -122,10 +122,17 @@ class RayBackend:
         if failed:
             log.warning("%d orphan cancel(s) failed; the first: %r", len(failed), failed[0])
 
-    async def models(self) -> list[str]:
+    async def models(self) -> list[dict[str, Any]]:
+        """Each model some alive hive can serve, once, with the context it is served at
+        (the longest where hives differ; None where no hive knows it)."""
         hives = [self._hive(hive_id_of(n["NodeID"])) for n in self._alive()]
         found = await asyncio.gather(*(h.models.remote() for h in hives))
-        return sorted({m for models in found for m in models})
+        lengths: dict[str, int | None] = {}
+        for models in found:
+            for model in models:
+                known = [n for n in (lengths.get(model["id"]), model["max_model_len"]) if n]
+                lengths[model["id"]] = max(known, default=None)
+        return [{"id": m, "max_model_len": n} for m, n in sorted(lengths.items())]
 
     async def preloads(self) -> dict[str, dict[str, Any]]:
         """How every alive hive's preloads stand, by model."""

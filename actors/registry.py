@@ -134,8 +134,8 @@ class JobRegistry:
         """How the preloads stand (``/health``): loading, ready, failed or cancelled."""
         return await self._backend.preloads()
 
-    async def models(self) -> list[str]:
-        """Every model some alive hive can serve (``GET /v1/models``)."""
+    async def models(self) -> list[dict[str, Any]]:
+        """Every model some alive hive can serve, with its context (``GET /v1/models``)."""
         return await self._backend.models()
 
     async def count(self) -> int:

@@ -121,17 +121,14 @@ async def _openai(http: httpx.AsyncClient, model: Model, max_tokens: int) -> tup
         "temperature": 0.0,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     started, first, tokens, parser = time.monotonic(), 0.0, 0, sse.Parser()
-    opened = False
     async with http.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             frame = parser.feed(line)
             if frame is None or not frame.data.startswith("{"):
-                continue
-            if not opened:  # an opening chunk comes before any token
-                opened = True
                 continue
             first = first or time.monotonic() - started
             usage = frame.json().get("usage")

@@ -75,6 +75,7 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
         },
         embedded=False,
         preload=[],
+        engine={"tool_call_parsers": {TINY: "hermes"}},
     )
     ray_init = {
         "num_cpus": 2,

@@ -121,3 +121,25 @@ def test_check_id():
     assert is_id("é-ok") and not is_id("job-1\n") and not is_id("x" * 129)
     with pytest.raises(InvalidRequest, match="job_id"):
         check_id("job 1", "job_id")
+
+
+_CALL = {"api": "chat", "request": {"model": "org/name", "messages": [{"role": "user", "content": "hi"}]}}
+
+
+def test_an_infer_may_carry_an_openai_request():
+    op = parse_operation({"operation": "infer", "model": "org/name", "openai": _CALL})
+    assert op.openai is not None and op.openai.api == "chat" and op.prompt is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        ({"max_tokens": 5}, "its request's parameters apply"),  # would be ignored: refused
+        ({"prompt": "hi"}, "exactly one"),
+        ({"model": "org/other"}, "differ"),
+        ({"openai": {**_CALL, "api": "embeddings"}}, "api"),
+    ],
+)
+def test_an_openai_infer_takes_nothing_it_would_ignore(extra, words):
+    with pytest.raises(InvalidRequest, match=words):
+        parse_operation({"operation": "infer", "model": "org/name", "openai": _CALL, **extra})

@@ -22,11 +22,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from actors.adapters.openai_serving import OpenAiServing
 from actors.config import EngineConfig
 from actors.core.errors import InvalidRequest, ModelLoadFailed
 from actors.core.events import Event, Narration, Result, StreamEvent, Token
 from actors.core.running import Run, Runs
-from actors.operations import Infer
+from actors.operations import Infer, OpenAiCall
 
 log = logging.getLogger("rbee.engine")
 
@@ -204,7 +205,7 @@ def _refused_requests() -> Iterator[None]:
     try:
         yield
     except VLLMClientError as exc:
-        raise InvalidRequest(str(exc)) from exc
+        raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
 
 
 async def vllm_engine(model_path: Path, config: EngineConfig) -> Any:
@@ -244,6 +245,7 @@ class EngineWorker:
         self._runs = Runs(clock=clock)
         self.served = 0
         self.max_model_len: int | None = None  #: the engine's context, once loaded
+        self._openai: OpenAiServing | None = None
         self.max_model_len_capped_from: int | None = None  #: the configured one, if longer
 
     @property
@@ -285,6 +287,9 @@ class EngineWorker:
             raise
         model_config = getattr(engine, "model_config", None)
         self.max_model_len = getattr(model_config, "max_model_len", None) or length
+        if hasattr(engine, "renderer"):  # a vLLM engine (not a test's stand-in)
+            parser = config.tool_call_parsers.get(self.model)
+            self._openai = OpenAiServing(engine, self.model, str(model_path), parser)
         self._engine = engine
 
     async def _warm_up(self, engine: Any) -> None:
@@ -315,6 +320,10 @@ class EngineWorker:
         from vllm.sampling_params import RequestOutputKind
 
         engine = self._require_engine()
+        if op.openai is not None:
+            async for event in self._serve_openai(job_id, op.openai, run, correlation_id):
+                yield event
+            return
         prompt = op.prompt if op.prompt is not None else self._chat_prompt(engine, op)
         params = SamplingParams(
             max_tokens=op.max_tokens,
@@ -363,6 +372,29 @@ class EngineWorker:
                 "worker_id": self.worker_id,
             }
         )
+
+    async def _serve_openai(
+        self, job_id: str, call: OpenAiCall, run: Run, correlation_id: str | None
+    ) -> AsyncGenerator[Event, None]:
+        if self._openai is None:
+            raise InvalidRequest(f"worker {self.worker_id} does not serve OpenAI requests")
+        yield Narration(
+            ACTOR,
+            "generate",
+            f"{self.worker_id} answering an OpenAI {call.api} request with {self.model}",
+            correlation_id=correlation_id,
+        )
+        events = self._openai.run(
+            call.api, call.request, job_id, lambda: run.cancelled_at is not None
+        )
+        with _refused_requests():
+            async for event in events:
+                if isinstance(event, Token):
+                    self._runs.touch(run)
+                elif isinstance(event, Result):
+                    self.served += 1
+                    event = Result({**event.value, "worker_id": self.worker_id})
+                yield event
 
     def _chat_prompt(self, engine: Any, op: Infer) -> str:
         tokenizer = engine.get_tokenizer()

@@ -35,22 +35,32 @@ class RbeeError(Exception):
     code: str = "INTERNAL"
     retriable: bool = False
 
-    def __init__(self, message: str = "", *, retriable: bool | None = None) -> None:
+    def __init__(
+        self, message: str = "", *, retriable: bool | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message or self.__class__.__name__
         if retriable is not None:
             self.retriable = retriable
+        self.param = param  #: the request's parameter at fault, when one is
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild, (type(self), self.message, self.retriable))
+        return (_rebuild, (type(self), self.message, self.retriable, self.param))
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``error`` event payload of SPEC §4."""
-        return {"code": self.code, "message": self.message, "retriable": self.retriable}
+        """The ``error`` event payload of SPEC §4 (``param`` only when one is at fault)."""
+        out: dict[str, Any] = {
+            "code": self.code, "message": self.message, "retriable": self.retriable
+        }  # fmt: skip
+        if self.param is not None:
+            out["param"] = self.param
+        return out
 
 
-def _rebuild(cls: type[RbeeError], message: str, retriable: bool) -> RbeeError:
-    return cls(message, retriable=retriable)
+def _rebuild(
+    cls: type[RbeeError], message: str, retriable: bool, param: str | None = None
+) -> RbeeError:
+    return cls(message, retriable=retriable, param=param)
 
 
 class RequestError(RbeeError):

@@ -35,9 +35,15 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """A delta of one choice: ``index`` counts that choice's deltas so far. A token of an
+    OpenAI request carries its chunk as vLLM's server writes it (``wire``: the endpoint
+    sends it as is; it is not part of the job's event)."""
+
     kind: ClassVar[str] = "token"
     text: str
     index: int
+    choice: int = 0
+    wire: str | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +58,7 @@ class Error:
     code: str
     message: str
     retriable: bool = False
+    param: str | None = None  #: the request's parameter at fault, when one is
 
 
 Event = Narration | Progress | Token | Result | Error
@@ -71,7 +78,15 @@ def payload(event: Event) -> dict[str, Any]:
     """The JSON ``data:`` object of an event."""
     if isinstance(event, Result):
         return dict(event.value)
-    return asdict(event)
+    if isinstance(event, Token):  # a choice but the first is named (SPEC §4's shape holds)
+        token: dict[str, Any] = {"text": event.text, "index": event.index}
+        if event.choice:
+            token["choice"] = event.choice
+        return token
+    data = asdict(event)
+    if isinstance(event, Error) and event.param is None:
+        del data["param"]
+    return data
 
 
 _TYPES: dict[str, type[Any]] = {cls.kind: cls for cls in (Narration, Progress, Token, Error)}

@@ -236,7 +236,7 @@ class JobStream:
                 elif isinstance(item, End):
                     if item.state != JobState.COMPLETED.value and item.error:
                         cls = error_class(item.error["code"]) or RbeeError
-                        raise cls(item.error["message"])
+                        raise cls(item.error["message"], param=item.error.get("param"))
         return result
 
     def cancel_soon(self, job_id: str, cid: str | None = None) -> None:
@@ -266,7 +266,7 @@ class JobStream:
                 return
         log.error("the cancel of %s was dropped %d times", job_id, _CANCEL_ATTEMPTS)
 
-    async def models(self) -> list[str]:
+    async def models(self) -> list[dict[str, Any]]:
         return list(await remote(self.registry.models.remote()))
 
 

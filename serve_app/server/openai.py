@@ -1,137 +1,120 @@
 """OpenAI-compatible inference (SPEC §6): every request is an ``infer`` job (``X-Job-Id``),
-cancellable like any job; a client that disconnects aborts its generation."""
+cancellable like any job; a client that disconnects aborts its generation.
+
+The request goes to the worker as the client sent it: vLLM's own models read it there and
+vLLM's server code writes the chunks (``actors.adapters.openai_serving``); this side
+routes, waits, streams and cancels.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from http import HTTPStatus
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray.exceptions import RayActorError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from actors.core.errors import InvalidRequest, RbeeError
+from actors.core.errors import InvalidRequest, RbeeError, Unavailable, error_class
 from actors.core.events import Error, Result, StreamEvent, Token
-from serve_app.server.jobstream import JobStream
+from serve_app.server.errors import status_of
+from serve_app.server.jobstream import Item, JobStream
+
+Handler = Callable[[Request], Awaitable[Response]]
+_T = TypeVar("_T")
 
 log = logging.getLogger("rbee.openai")
 
-Kind = Literal["text_completion", "chat.completion"]
-
-
-class _Request(BaseModel):
-    # OpenAI clients send fields we don't use (user, logprobs, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = Field(default=None, ge=1, le=32_768)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=32_768)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    ignore_eos: bool = False  # vLLM's extra field: go on past end-of-text
-    n: int = Field(default=1, ge=1, le=1)
-
-
-class CompletionRequest(_Request):
-    prompt: str | list[str]
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Request):
-    messages: list[ChatMessage] = Field(min_length=1)
+Api = Literal["chat", "completions"]
 
 
 class OpenAi:
+    """The routes; what a request means is vLLM's to say, in the worker that runs it."""
+
     def __init__(self, jobs: JobStream) -> None:
         self._jobs = jobs
 
     def routes(self, guard: Any) -> list[Route]:
         return [
-            Route("/v1/models", guard(self.models), methods=["GET"]),
-            Route("/v1/completions", guard(self.completions), methods=["POST"]),
-            Route("/v1/chat/completions", guard(self.chat), methods=["POST"]),
+            Route("/v1/models", _in_openai_shape(guard(self.models)), methods=["GET"]),
+            Route("/v1/completions", _in_openai_shape(guard(self.completions)), methods=["POST"]),
+            Route("/v1/chat/completions", _in_openai_shape(guard(self.chat)), methods=["POST"]),
         ]
 
     async def models(self, request: Request) -> Response:
-        models = await self._jobs.models()
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "rbee"} for m in models]
+        data = [
+            {
+                "id": m["id"], "object": "model", "created": 0, "owned_by": "rbee",
+                "root": m["id"], "max_model_len": m["max_model_len"],
+            }
+            for m in await self._jobs.models()
+        ]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
     async def completions(self, request: Request) -> Response:
-        body = _parse(CompletionRequest, await self._jobs.read_json(request))
-        prompt = body.prompt if isinstance(body.prompt, str) else "".join(body.prompt[:1])
-        return await self._run(request, body, {"prompt": prompt}, "text_completion")
+        return await self._run(request, "completions")
 
     async def chat(self, request: Request) -> Response:
-        body = _parse(ChatRequest, await self._jobs.read_json(request))
-        messages = [m.model_dump() for m in body.messages]
-        return await self._run(request, body, {"messages": messages}, "chat.completion")
+        return await self._run(request, "chat")
 
-    async def _run(
-        self, request: Request, body: _Request, what: dict[str, Any], kind: Kind
-    ) -> Response:
-        stop = [body.stop] if isinstance(body.stop, str) else body.stop
-        op = {
-            "operation": "infer",
-            "model": body.model,
-            "max_tokens": body.max_completion_tokens or body.max_tokens or 256,
-            "temperature": body.temperature,
-            "top_p": body.top_p,
-            "seed": body.seed,
-            "stop": stop,
-            "ignore_eos": body.ignore_eos or None,
-            **what,
-        }
-        job_id = await self._submit(request, {k: v for k, v in op.items() if v is not None})
+    async def _run(self, request: Request, api: Api) -> Response:
+        body = await self._jobs.read_json(request)
+        if not isinstance(body, dict):
+            raise InvalidRequest("the body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise InvalidRequest("model: the id of a model is required", param="model")
+        op = {"operation": "infer", "model": model, "openai": {"api": api, "request": body}}
+        job_id = request.state.job_id = await self._submit(request, op)
         headers = {"X-Job-Id": job_id}
-        chunks = _Chunks(kind, job_id, body.model)
-        if body.stream:
-            return _JobStreamResponse(self._jobs, job_id, self._stream(job_id, chunks), headers)
-        result = await self._result_while_connected(request, job_id)
+        if body.get("stream") is True:
+            events = self._jobs.follow(job_id)
+            # Held until the worker has read the request: one it refuses is a 4xx, not a
+            # stream that begins and then fails.
+            head = await self._while_connected(request, job_id, _first_answer(events))
+            if head is None:
+                return Response(status_code=499)  # nobody is left to read it
+            return _JobStreamResponse(self._jobs, job_id, _stream(head, events), headers)
+        result = await self._while_connected(request, job_id, self._jobs.result(job_id))
         if result is None:
-            return Response(status_code=499)  # nobody is left to read it
-        return JSONResponse(chunks.whole(result), headers=headers)
+            return Response(status_code=499)
+        return JSONResponse(result["openai"], headers=headers)
 
-    async def _result_while_connected(self, request: Request, job_id: str) -> Any:
-        """The job's result, or None once the client has gone; the job is cancelled on any
-        way out but its own end.
+    async def _while_connected(
+        self, request: Request, job_id: str, answer: Coroutine[Any, Any, _T]
+    ) -> _T | None:
+        """``answer``, or None once the client has gone; the job is cancelled on any way
+        out but the answer or the job's own error.
 
         Serve cancels a request whose client left, and Ray then cancels the calls the
         request had made, but a cancel can also miss the app: so the app watches its own
         ``receive`` for the disconnect too, as a streamed response does.
         """
-        result = asyncio.ensure_future(self._jobs.result(job_id))
+        waiting = asyncio.ensure_future(answer)
         gone = asyncio.ensure_future(_disconnected(request.receive))
-        ended = False
+        settled = False
         try:
-            await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-            if not result.done():
-                log.info("client of %s gone before the job ended: cancelling it", job_id)
+            await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                log.info("client of %s gone before its answer: cancelling the job", job_id)
                 return None
             try:
-                value = result.result()
+                value = waiting.result()
             except RbeeError:
-                ended = True  # the job's own error: it has ended
+                settled = True  # the job's own error: it has ended
                 raise
-            ended = True
+            settled = True
             return value
         finally:
             gone.cancel()
-            result.cancel()
-            if not ended:
+            waiting.cancel()
+            if not settled:
                 self._jobs.cancel_soon(job_id)
 
     async def _submit(self, request: Request, op: dict[str, Any]) -> str:
@@ -147,24 +130,43 @@ class OpenAi:
         if not submitted.cancelled() and submitted.exception() is None:
             self._jobs.cancel_soon(submitted.result())
 
-    async def _stream(self, job_id: str, chunks: _Chunks) -> AsyncIterator[str]:
-        yield _sse(chunks.first())
-        async for batch in self._jobs.follow(job_id):
-            out = []
-            for item in batch:
-                if not isinstance(item, StreamEvent):
-                    continue
-                event = item.event
-                if isinstance(event, Token):
-                    out.append(chunks.delta_sse(event.text))
-                elif isinstance(event, Result):
-                    usage = event.value.get("usage")
-                    out.append(_sse(chunks.last(event.value.get("finish_reason"), usage)))
-                elif isinstance(event, Error):
-                    out.append(_sse({"error": {"code": event.code, "message": event.message}}))
-            if out:
-                yield "".join(out)
-        yield "data: [DONE]\n\n"
+
+async def _first_answer(events: AsyncIterator[list[Item]]) -> list[Item]:
+    """The job's events up to its first token, result or error; its error, when that comes
+    first, is raised (with the parameter at fault)."""
+    head: list[Item] = []
+    async for batch in events:
+        head += batch
+        for item in batch:
+            event = item.event if isinstance(item, StreamEvent) else None
+            if isinstance(event, Error):
+                raise (error_class(event.code) or RbeeError)(event.message, param=event.param)
+            if isinstance(event, Token | Result):
+                return head
+    return head
+
+
+async def _stream(head: list[Item], events: AsyncIterator[list[Item]]) -> AsyncIterator[str]:
+    """The chunks as vLLM's server writes them, then ``[DONE]``; a failure (a cancel, say)
+    is an ``error`` chunk in OpenAI's shape."""
+    batch: list[Item] | None = head
+    while batch is not None:
+        out = []
+        for item in batch:
+            if not isinstance(item, StreamEvent):
+                continue
+            event = item.event
+            if isinstance(event, Token) and event.wire is not None:
+                out.append(f"data: {event.wire}\n\n")
+            elif isinstance(event, Result) and "usage_chunk" in event.value:
+                out.append(f"data: {event.value['usage_chunk']}\n\n")
+            elif isinstance(event, Error):
+                failure = (error_class(event.code) or RbeeError)(event.message, param=event.param)
+                out.append(_sse(error_body(failure)))
+        if out:
+            yield "".join(out)
+        batch = await anext(events, None)
+    yield "data: [DONE]\n\n"
 
 
 class _JobStreamResponse(StreamingResponse):
@@ -202,58 +204,6 @@ class _JobStreamResponse(StreamingResponse):
                     await asyncio.shield(aclose())
 
 
-class _Chunks:
-    """OpenAI's wire objects for one job."""
-
-    def __init__(self, kind: Kind, job_id: str, model: str) -> None:
-        self.kind, self.model = kind, model
-        self.id = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + job_id.removeprefix(
-            "job-"
-        )
-        self.created = int(time.time())
-        # A token's chunk is the same but for its text: made once, the text put in each time.
-        mark = json.dumps("\x00")  # the text comes last: its rightmost occurrence
-        self._delta_head, _, self._delta_tail = _sse(self.delta("\x00")).rpartition(mark)
-
-    def _chunk(self, choice: dict[str, Any], **extra: Any) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
-        return {
-            "id": self.id, "object": obj, "created": self.created, "model": self.model,
-            "choices": [{"index": 0, **choice}], **extra,
-        }  # fmt: skip
-
-    def first(self) -> dict[str, Any]:
-        if self.kind == "chat.completion":
-            return self._chunk(
-                {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            )
-        return self._chunk({"text": "", "finish_reason": None})
-
-    def delta(self, text: str) -> dict[str, Any]:
-        if self.kind == "chat.completion":
-            return self._chunk({"delta": {"content": text}, "finish_reason": None})
-        return self._chunk({"text": text, "finish_reason": None})
-
-    def delta_sse(self, text: str) -> str:
-        """``_sse(self.delta(text))``, without building and encoding the whole chunk again."""
-        return self._delta_head + json.dumps(text) + self._delta_tail
-
-    def last(self, finish: str | None, usage: dict[str, int] | None) -> dict[str, Any]:
-        empty: dict[str, Any] = {"delta": {}} if self.kind == "chat.completion" else {"text": ""}
-        return self._chunk({**empty, "finish_reason": finish or "stop"}, usage=usage)
-
-    def whole(self, result: dict[str, Any]) -> dict[str, Any]:
-        text, finish = result.get("text", ""), result.get("finish_reason") or "stop"
-        if self.kind == "chat.completion":
-            choice = {"message": {"role": "assistant", "content": text}, "finish_reason": finish}
-        else:
-            choice = {"text": text, "finish_reason": finish, "logprobs": None}
-        return {
-            "id": self.id, "object": self.kind, "created": self.created, "model": self.model,
-            "choices": [{"index": 0, **choice}], "usage": result.get("usage"),
-        }  # fmt: skip
-
-
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
@@ -263,13 +213,44 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def _parse(model: type[_Request], body: Any) -> Any:
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        raise InvalidRequest(f"{where}: {first['msg']}") from None
+def error_body(exc: RbeeError) -> dict[str, Any]:
+    """OpenAI's error object: ``message``, ``type``, ``param`` and ``code`` (rbee's)."""
+    return {
+        "error": {
+            "message": exc.message,
+            "type": _type_of(status(exc)),
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+
+
+def status(exc: RbeeError) -> int:
+    """As on rbee's other routes, but a request refused is a 400, as on vLLM's server."""
+    return 400 if isinstance(exc, InvalidRequest) else status_of(exc)
+
+
+def _type_of(code: int) -> str:
+    name = HTTPStatus(code).phrase.replace(" ", "").replace("-", "")
+    return name if name.endswith("Error") else name + "Error"
+
+
+def _in_openai_shape(handler: Handler) -> Handler:
+    """Errors of the OpenAI routes in OpenAI's shape."""
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except RbeeError as exc:
+            headers = {"WWW-Authenticate": "Bearer"} if status(exc) == 401 else {}
+            if job_id := getattr(request.state, "job_id", None):
+                headers["X-Job-Id"] = job_id  # the request was a job: it is there to see
+            return JSONResponse(error_body(exc), status(exc), headers=headers)
+        except RayActorError as exc:
+            gone = Unavailable(f"an rbee actor is restarting: {type(exc).__name__}; try again")
+            return JSONResponse(error_body(gone), 503)
+
+    return handle
 
 
 __all__ = ["OpenAi", "RbeeError"]
