@@ -121,7 +121,9 @@ def tiny_model(hive, hub: FakeHub, tmp_path_factory: pytest.TempPathFactory) -> 
     from tests.helpers import read_sse, submit
     from tests.tinymodel import build_tiny_llama
 
-    hub.add_repo(TINY, build_tiny_llama(tmp_path_factory.mktemp("tiny")))
+    # A context long enough that a generation meant to be cancelled cannot end first (2,048
+    # tokens took ~2 s, which a loaded machine could spend between a token and the cancel).
+    hub.add_repo(TINY, build_tiny_llama(tmp_path_factory.mktemp("tiny"), context_len=32_768))
     with httpx.Client(base_url=hive.url, timeout=30) as client:
         job_id = submit(client, {"operation": "model_download", "model": TINY})
         assert read_sse(client, f"/v1/jobs/{job_id}/stream", deadline_s=60).sentinel == "[DONE]"

@@ -313,7 +313,7 @@ def test_the_default_model_is_the_embedded_one():
 
 @pytest.mark.skipif(NO_INFERENCE, reason="needs vllm and a server with the 'infer' operation")
 def test_infer_prints_tokens_while_the_job_runs_and_ctrl_c_cancels_it(api, hive, worker):
-    args = ("--model", worker["model"], "--max-tokens", "4000", "--ignore-eos")
+    args = ("--model", worker["model"], "--max-tokens", "30000", "--ignore-eos")
     child = spawn(hive.url, "infer", "Once upon a time", *args)
     child.expect(r"\S")  # text on the terminal ...
     newest = api.get("/v1/jobs", params={"operation": "infer", "limit": 1}).json()["jobs"][0]
