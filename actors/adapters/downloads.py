@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 
 from actors.adapters.downloads_progress import ProgressMeter
-from actors.adapters.transfer import Downloader
+from actors.adapters.transfer import Downloader, resumable_bytes
 from actors.adapters.vendors import DownloadPlan, PlannedFile, Vendor
 from actors.core.errors import DownloadFailed, InvalidRequest
 from actors.core.events import Event, Narration, Progress, Result, StreamEvent
@@ -47,7 +47,7 @@ class ModelDownloads:
         self, job_id: str, op: ModelDownload, correlation_id: str | None = None, first_id: int = 1
     ) -> AsyncIterator[StreamEvent]:
         async for event in self._runs.run(
-            job_id, lambda run: self._run(run, op, correlation_id), first_id
+            job_id, lambda run: self._run(run, op, correlation_id), first_id, correlation_id
         ):
             yield event
 
@@ -122,6 +122,8 @@ class ModelDownloads:
                     if moved := meter.update(planned.path, n):
                         self._count_bytes(moved)
 
+                # What an earlier attempt left is on disk already, not moved by this job.
+                meter.update(planned.path, resumable_bytes(planned.spec.dest))
                 await self._downloader.fetch(planned.spec, on_bytes)
                 meter.finish(planned.path, planned.spec.size)
 

@@ -437,6 +437,14 @@ def _open_partial(partial: pathlib.Path) -> int:
     return os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
 
 
+def resumable_bytes(dest: pathlib.Path) -> int:
+    """The bytes of ``dest`` already on disk from an earlier, broken transfer (0 if none)."""
+    try:
+        return _partial(dest).stat().st_size
+    except OSError:
+        return 0
+
+
 def _partial(dest: pathlib.Path) -> pathlib.Path:
     return dest.with_name(dest.name + ".incomplete")
 
