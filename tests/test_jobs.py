@@ -133,7 +133,8 @@ async def test_concurrent_cancels_share_one_and_later_ones_say_finished(jobs, ba
 async def test_cancel_of_unknown_job_raises_and_logs(jobs, caplog):
     with pytest.raises(JobNotFound):
         await jobs.cancel("job-missing", "cid-x")
-    assert "job_id=job-missing cid=cid-x" in caplog.text
+    (line,) = [r for r in caplog.records if "unknown job" in r.getMessage()]
+    assert line.rbee_job == "job_id=job-missing cid=cid-x"  # the tail of the line
 
 
 async def test_no_event_after_the_terminal_one(jobs, backend):

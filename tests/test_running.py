@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from contextlib import aclosing
 
 import pytest
 
+from actors.core import logs
 from actors.core.events import Narration, StreamEvent, Token
 from actors.core.running import Runs, batched
 
@@ -119,3 +121,35 @@ async def test_a_watcher_gets_each_event_once_the_first_at_once_then_in_lists():
     # Events 1-6 were the registry's before this run: a watcher that needs them is not
     # served here (it reads the registry), rather than given a stream with a hole.
     assert [e async for e in runs.watch("j-w", 0)] == []
+
+
+async def test_what_a_job_logs_names_the_job_and_its_correlation_id():
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.setFormatter(logging.Formatter(logs.FORMAT))
+    handler.addFilter(logs.with_job)
+    handler.emit = lambda record: lines.append(handler.format(record))  # type: ignore[method-assign]
+    logger = logging.getLogger("rbee.test-jobs")
+    logger.addHandler(handler)
+
+    async def body(run):
+        logger.warning("inside the job")
+        yield Narration("test", "step", "one")
+
+    try:
+        runs = Runs()
+
+        async def one(job_id: str) -> None:
+            async for _ in runs.run(job_id, body, correlation_id=f"cid-{job_id}"):
+                pass
+
+        await asyncio.gather(asyncio.create_task(one("job-a")), asyncio.create_task(one("job-b")))
+        logger.warning("outside any job")
+    finally:
+        logger.removeHandler(handler)
+    assert all("WARNING rbee.test-jobs inside the job job_id=job-" in line for line in lines[:2])
+    assert {line.split("job_id=")[1] for line in lines[:2]} == {
+        "job-a cid=cid-job-a",
+        "job-b cid=cid-job-b",
+    }
+    assert lines[2].endswith("outside any job job_id=- cid=-")

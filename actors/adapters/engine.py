@@ -304,7 +304,7 @@ class EngineWorker:
         self, job_id: str, op: Infer, correlation_id: str | None = None, first_id: int = 1
     ) -> AsyncIterator[StreamEvent]:
         async for event in self._runs.run(
-            job_id, lambda run: self._generate(job_id, op, run, correlation_id), first_id
+            job_id, lambda run: self._generate(job_id, op, run, correlation_id), first_id, correlation_id
         ):
             yield event
 

@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
+from actors.core import logs
 from actors.core.errors import InternalError, JobCancelled, JobNotFound, RbeeError, rbee_cause
 from actors.core.events import Error, Event, Narration, Result, StreamEvent
 from actors.core.logs import context
@@ -85,7 +86,7 @@ class Jobs:
         """
         record = self.table.get(job_id)
         if record is None:
-            log.warning("cancel of unknown job %s", context(job_id, correlation_id))
+            log.warning("cancel of unknown job", extra={"rbee_job": context(job_id, correlation_id)})
             raise JobNotFound(f"no job {job_id!r}")
         if record.state.terminal:
             return False
@@ -124,7 +125,7 @@ class Jobs:
             return False
         await self.table.release(record.job_id)
         took_ms = (time.monotonic() - accepted) * 1000
-        log.info("cancelled in %.0f ms %s", took_ms, context(record.job_id, cid))
+        log.info("cancelled in %.0f ms", took_ms, extra={"rbee_job": context(record.job_id, cid)})
         await self.table.emit(
             record.job_id,
             Narration(
@@ -140,6 +141,7 @@ class Jobs:
         return True
 
     async def _drive(self, record: JobRecord, op: Any) -> None:
+        logs.bind(record.job_id, record.correlation_id)  # this task is the job's own
         slot = self._slots.get(record.operation)
         try:
             if slot is not None:

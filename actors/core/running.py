@@ -19,6 +19,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, field
 
+from actors.core import logs
 from actors.core.events import Event, StreamEvent, Token
 
 FEED_EVENTS = 10_000
@@ -84,9 +85,12 @@ class Runs:
         job_id: str,
         body: Callable[[Run], AsyncGenerator[Event, None]],
         first_id: int = 1,
+        correlation_id: str | None = None,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Iterate ``body(run)`` as job ``job_id``, its events numbered from ``first_id``,
-        so ``cancel(job_id)`` can stop it and ``watch(job_id)`` can follow it."""
+        so ``cancel(job_id)`` can stop it and ``watch(job_id)`` can follow it. What the task
+        iterating it logs names the job."""
+        logs.bind(job_id, correlation_id)
         early = self._early.pop(job_id) if job_id in self._early else Run()
         run = self._running.setdefault(job_id, early)
         run.task = asyncio.current_task()
