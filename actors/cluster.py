@@ -22,21 +22,7 @@ JOBS = actor_class(JobRegistry, num_cpus=0, max_concurrency=10_000)
 
 def ensure_cluster(config: Config) -> Any:
     """Start (or find) the registry and a hive with its download actor on every alive node."""
-    for node in alive_nodes():
-        hive_id = hive_id_of(node["NodeID"])
-        on_node = NodeAffinitySchedulingStrategy(node_id=node["NodeID"], soft=False)
-        common = {
-            "namespace": NAMESPACE,
-            "lifetime": "detached",
-            "get_if_exists": True,
-            "max_restarts": -1,  # a crashed hive comes back; its jobs fail as WORKER_DIED
-        }
-        HIVE.options(name=hive_name(hive_id), scheduling_strategy=on_node, **common).remote(
-            config, hive_id, node["NodeID"]
-        )
-        DOWNLOADS.options(
-            name=download_name(hive_id), scheduling_strategy=on_node, **common
-        ).remote(config)
+    ensure_hives(config, [node["NodeID"] for node in alive_nodes()])
     registry: Any = JOBS.options(
         name=REGISTRY,
         namespace=NAMESPACE,
@@ -46,6 +32,25 @@ def ensure_cluster(config: Config) -> Any:
     ).remote(config)
     ray.get(registry.ready.remote())
     return registry
+
+
+def ensure_hives(config: Config, node_ids: list[str]) -> None:
+    """Start (or find) a hive and its download actor on each of these nodes."""
+    common = {
+        "namespace": NAMESPACE,
+        "lifetime": "detached",
+        "get_if_exists": True,
+        "max_restarts": -1,  # a crashed hive comes back; its jobs fail as WORKER_DIED
+    }
+    for node_id in node_ids:
+        hive_id = hive_id_of(node_id)
+        on_node = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        HIVE.options(name=hive_name(hive_id), scheduling_strategy=on_node, **common).remote(
+            config, hive_id, node_id
+        )
+        DOWNLOADS.options(
+            name=download_name(hive_id), scheduling_strategy=on_node, **common
+        ).remote(config, hive_id)
 
 
 def shutdown_cluster() -> None:

@@ -84,6 +84,14 @@ class Config(_Section):
     retain_jobs: int = Field(default=100_000, ge=100)  #: finished jobs the registry remembers
     cancel_cleanup_s: float = Field(default=3.0, gt=0)
 
+    def on_this_node(self, env: Mapping[str, str] | None = None) -> Config:
+        """This config as a hive's actors use it on their node: a node whose Ray was started
+        with ``RBEE_NODE_CACHE_DIR`` in its environment keeps its models there."""
+        env = os.environ if env is None else env
+        if env.get("RBEE_NODE_CACHE_DIR"):
+            return self.model_copy(update={"cache_dir": Path(env["RBEE_NODE_CACHE_DIR"])})
+        return self
+
     @classmethod
     def load(
         cls,

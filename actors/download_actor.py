@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -16,10 +18,14 @@ from actors.core.events import StreamEvent
 from actors.core.running import FLUSH_S, batched
 from actors.operations import ModelDownload
 
+_RATE_S = 1.0
+
 
 class DownloadActor:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, hive_id: str = "") -> None:
         logs.configure()
+        config = config.on_this_node()
+        self._tags = {"hive_id": hive_id}
         cfg = config.downloads
         # A hub that goes silent is waited for stall_s, then the transfer is retried.
         self._client = httpx.AsyncClient(
@@ -40,14 +46,34 @@ class DownloadActor:
             "hf": HfVendor(config.hub.endpoint, token, config.cache_dir, cfg),
             "url": UrlVendor(self._client, config.cache_dir, cfg),
         }
-        moved = metrics.Counter("rbee_download_bytes_total", "Bytes written by downloads")
+        self._moved = metrics.Counter(
+            "rbee_download_bytes_total", "Bytes written by downloads", tag_keys=("hive_id",)
+        )
+        self._rate = metrics.Gauge(
+            "rbee_download_rate_bps", "Bytes per second written by downloads", tag_keys=("hive_id",)
+        )
+        self._bytes = 0
+        self._gauging = asyncio.create_task(self._report_rate())
         self._downloads = ModelDownloads(
             downloader,
             vendors,
             heartbeat_s=cfg.heartbeat_s,
             deadline_s=cfg.deadline_s,
-            count_bytes=moved.inc,
+            count_bytes=self._count,
         )
+
+    def _count(self, moved: int) -> None:
+        self._bytes += moved
+        self._moved.inc(moved, tags=self._tags)
+
+    async def _report_rate(self) -> None:
+        """The bytes per second of the last ``_RATE_S``, for the dashboard."""
+        last, at = self._bytes, time.monotonic()
+        while True:
+            await asyncio.sleep(_RATE_S)
+            now = time.monotonic()
+            self._rate.set((self._bytes - last) / (now - at), tags=self._tags)
+            last, at = self._bytes, now
 
     async def run(
         self, job_id: str, op: ModelDownload, correlation_id: str | None = None, first_id: int = 1

@@ -7,9 +7,12 @@ this hive: ``loading``, ``ready``, ``failed`` or ``cancelled`` (with the error a
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
+
+from ray.util import metrics
 
 from actors.adapters.cache import Catalog
 from actors.adapters.embedded import LOCAL_ID, gguf_path
@@ -32,11 +35,15 @@ from actors.remote import nodes
 from actors.workers import WorkerPool
 
 ACTOR = "hive"
+_GAUGE_S = 2.0
+
+log = logging.getLogger("rbee.hive")
 
 
 class Hive:
     def __init__(self, config: Config, hive_id: str, node_id: str) -> None:
         logs.configure()
+        config = config.on_this_node()
         self._config = config
         self._catalog = Catalog(config.cache_dir)
         self._hive_id = hive_id
@@ -44,13 +51,25 @@ class Hive:
         gpus = int(self._node().get("Resources", {}).get("GPU", 0))
         self._workers = WorkerPool(config, self._catalog, node_id, gpus)
         self._runs = Runs()
+        self._gauge = metrics.Gauge(
+            "rbee_workers", "Inference workers by state", tag_keys=("hive_id", "state")
+        )
+        self._gauging = asyncio.create_task(self._report_workers())
+
+    async def _report_workers(self) -> None:
+        """Workers by state, for the dashboard, every ``_GAUGE_S``."""
+        while True:
+            states = [w["state"] for w in self._workers.list()]
+            for state in ("loading", "ready"):
+                self._gauge.set(states.count(state), tags={"hive_id": self._hive_id, "state": state})
+            await asyncio.sleep(_GAUGE_S)
 
     async def run(
         self, job_id: str, op: Any, correlation_id: str | None = None, first_id: int = 1
     ) -> AsyncIterator[list[StreamEvent]]:
         """The job's events, numbered from ``first_id``, in bulk (the registry's copy)."""
         events = self._runs.run(
-            job_id, lambda run: self._answer(job_id, op, correlation_id), first_id
+            job_id, lambda run: self._answer(job_id, op, correlation_id), first_id, correlation_id
         )
         async for batch in batched(events, linger_s=FLUSH_S):
             yield batch
@@ -76,6 +95,34 @@ class Hive:
         """A ready worker for ``model``: waits for one that is loading, else starts one."""
         await self._workers.settled()
         return await self._workers.ensure(model)
+
+    async def placement(self, model: str) -> dict[str, Any]:
+        """What routing needs to pick a hive for ``model``: whether this hive has it
+        (cached, or a ready worker serving it) and whether it has room for a worker."""
+        await self._workers.settled()
+        cached = await asyncio.to_thread(self._has, model)
+        return {
+            "hive_id": self._hive_id,
+            "serving": self._workers.find(model) is not None,
+            "cached": cached,
+            "gpus": self._workers.gpus,
+            "free_gpus": self._workers.free_gpus(),
+            "room": self._workers.has_room(),
+        }
+
+    def _has(self, model: str) -> bool:
+        if model == LOCAL_ID:
+            return self._config.embedded and gguf_path() is not None
+        try:
+            self._catalog.local_path(model)
+        except RbeeError:
+            return False
+        return True
+
+    async def status_now(self) -> dict[str, Any]:
+        """``status`` (``hive_list`` asks each hive for it)."""
+        await self._workers.settled()
+        return await asyncio.to_thread(self.status)
 
     async def preloads(self) -> dict[str, dict[str, Any]]:
         """How each ``preload`` model this hive was asked to start stands (``/health``)."""
@@ -158,6 +205,8 @@ class Hive:
             "cpus": resources.get("CPU", 0),
             "gpus": resources.get("GPU", 0),
             "memory_bytes": resources.get("memory", 0),
+            "gpu_memory": gpu_memory(),
+            "free_gpus": self._workers.free_gpus(),
             "cache_dir": str(self._catalog.cache_dir),
             "models": [m["model"] for m in self._catalog.list()],
             "workers": self._workers.list(),
@@ -167,3 +216,25 @@ class Hive:
     def _preloads(self) -> dict[str, dict[str, Any]]:
         outcomes = {model: self._workers.outcome(model) for model in self._config.preload}
         return {model: outcome for model, outcome in outcomes.items() if outcome is not None}
+
+
+def gpu_memory() -> list[dict[str, int]] | None:
+    """Each GPU's memory as the driver reports it (``pynvml``); None where there is no NVIDIA
+    driver or ``pynvml`` (a CPU node)."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:  # no driver on this node
+        log.debug("no GPU memory to report: %r", exc)
+        return None
+    try:
+        found = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+            found.append({"index": index, "total_bytes": int(info.total), "used_bytes": int(info.used)})
+        return found
+    finally:
+        pynvml.nvmlShutdown()

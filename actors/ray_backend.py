@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnschedulableError, NodeDiedError, RayActorError, RayError
 
 from actors.core.errors import InvalidRequest, WorkerDied
 from actors.core.events import Event, Narration, Result, StreamEvent
@@ -22,7 +22,7 @@ from actors.core.jobs import Lease
 from actors.core.table import JobRecord
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.operations import HiveList, Infer, ModelDownload
-from actors.remote import alive_nodes, nodes
+from actors.remote import alive_nodes
 
 log = logging.getLogger("rbee.backend")
 
@@ -30,6 +30,10 @@ ACTOR = "registry"
 _NODES_TTL_S = 5.0
 _ORPHANS_BOUND_S = 60.0
 _CONFIRM_S = 1.0
+_ASK_S = 10.0
+# The actor doing a job is gone: it died, or its node did (a hive's actors are pinned to
+# their node, so they cannot be started again elsewhere).
+_GONE = (RayActorError, ActorUnschedulableError, NodeDiedError)
 
 
 class RayBackend:
@@ -47,22 +51,27 @@ class RayBackend:
         self, record: JobRecord, op: Any, lease: Lease
     ) -> AsyncIterator[Event | list[StreamEvent]]:
         if isinstance(op, HiveList):
-            yield Result({"hives": _hive_list()})
+            yield Result({"hives": await self._hive_list()})
             return
         if isinstance(op, Infer):
             name = await self._worker_for(op)
             if name is None:
-                hive_id = op.hive_id or _default_hive_id()
+                hive_id = op.hive_id or await self._place(op.model)
                 yield Narration(
                     ACTOR,
                     "worker_spawn",
                     f"no worker serves {op.model}; starting one on {hive_id}",
                     correlation_id=record.correlation_id,
                 )
-                name = await self._hive(hive_id).ensure_worker.remote(op.model)
+                try:
+                    name = await self._hive(hive_id).ensure_worker.remote(op.model)
+                except _GONE as exc:
+                    self._handles.pop(hive_name(hive_id), None)
+                    raise WorkerDied(f"hive {hive_id} is gone: {_first_line(exc)}") from exc
+        elif isinstance(op, ModelDownload):
+            name = download_name(op.hive_id or await self._place(op.model))
         else:
-            hive_id = op.hive_id or _default_hive_id()
-            name = download_name(hive_id) if isinstance(op, ModelDownload) else hive_name(hive_id)
+            name = hive_name(op.hive_id or _default_hive_id())
         actor = self._actor(name)
         first_id = await lease(name)
         generator = actor.run.remote(record.job_id, op, record.correlation_id, first_id)
@@ -70,7 +79,7 @@ class RayBackend:
         try:
             async for ref in generator:
                 yield await ref
-        except RayActorError as exc:
+        except _GONE as exc:
             self._handles.pop(name, None)  # its name may come back as a new actor
             raise WorkerDied(f"{name} died while running the job: {_first_line(exc)}") from exc
         finally:
@@ -83,11 +92,18 @@ class RayBackend:
         actor, generator = running
         confirmed = asyncio.ensure_future(actor.cancel.remote(record.job_id, accepted_at))
         try:
-            result: dict[str, Any] = await asyncio.wait_for(asyncio.shield(confirmed), _CONFIRM_S)
-        except TimeoutError:
-            log.warning("%s: no cancel confirmed in %gs: cancelling the call", record.job_id, _CONFIRM_S)
-            ray.cancel(generator)
-            result = await confirmed
+            try:
+                result: dict[str, Any] = await asyncio.wait_for(
+                    asyncio.shield(confirmed), _CONFIRM_S
+                )
+            except TimeoutError:
+                log.warning(
+                    "%s: no cancel confirmed in %gs: cancelling the call", record.job_id, _CONFIRM_S
+                )
+                ray.cancel(generator)
+                result = await confirmed
+        except _GONE:  # the actor or its node died: the job ends as WORKER_DIED by itself
+            return None
         return result
 
     async def stop_orphans(self, job_ids: list[str]) -> None:
@@ -125,8 +141,7 @@ class RayBackend:
     async def models(self) -> list[dict[str, Any]]:
         """Each model some alive hive can serve, once, with the context it is served at
         (the longest where hives differ; None where no hive knows it)."""
-        hives = [self._hive(hive_id_of(n["NodeID"])) for n in self._alive()]
-        found = await asyncio.gather(*(h.models.remote() for h in hives))
+        found = [m for m in (await self._ask_hives("models")).values() if m is not None]
         lengths: dict[str, int | None] = {}
         for models in found:
             for model in models:
@@ -136,20 +151,73 @@ class RayBackend:
 
     async def preloads(self) -> dict[str, dict[str, Any]]:
         """How every alive hive's preloads stand, by model."""
-        hives = [self._hive(hive_id_of(n["NodeID"])) for n in self._alive()]
-        found = await asyncio.gather(*(h.preloads.remote() for h in hives))
+        found = [p for p in (await self._ask_hives("preloads")).values() if p is not None]
         return {model: state for each in found for model, state in each.items()}
 
     async def _worker_for(self, op: Infer) -> str | None:
         """A ready worker for the model: on the asked hive, else on any alive hive."""
-        hive_ids = [op.hive_id] if op.hive_id else [hive_id_of(n["NodeID"]) for n in self._alive()]
-        for hive_id in hive_ids:
-            name: str | None = await self._hive(hive_id).find_worker.remote(op.model, op.worker_id)
-            if name is not None:
-                return name
-        if op.worker_id is not None:
-            raise InvalidRequest(f"no worker {op.worker_id!r} serves {op.model!r}")
-        return None
+        if op.hive_id or op.worker_id:
+            hive_ids = [op.hive_id] if op.hive_id else self._hive_ids()
+            for hive_id in hive_ids:
+                hive = self._hive(hive_id)
+                name: str | None = await hive.find_worker.remote(op.model, op.worker_id)
+                if name is not None:
+                    return name
+            if op.worker_id is not None:
+                raise InvalidRequest(f"no worker {op.worker_id!r} serves {op.model!r}")
+            return None
+        found = await self._ask_hives("find_worker", op.model)
+        return next((name for name in found.values() if name is not None), None)
+
+    async def _place(self, model: str) -> str:
+        """The hive to run ``model`` on (and so to download it to): of the hives with room
+        for a worker, one that has the model, then one with a free GPU (the most free first);
+        with no room anywhere, one that has it; ties go to the registry's own node. One
+        alive hive: that one."""
+        own = _default_hive_id()
+        if len(self._hive_ids()) <= 1:
+            return own
+        places = list((await self._ask_hives("placement", model)).values())
+        places = [p for p in places if p is not None]
+
+        def rank(p: dict[str, Any]) -> tuple[bool, bool, int, bool]:
+            return (p["room"], p["cached"], p["free_gpus"], p["hive_id"] == own)
+
+        best = max(places, key=rank, default=None)
+        return str(best["hive_id"]) if best is not None else own
+
+    async def _ask_hives(self, method: str, *args: Any) -> dict[str, Any]:
+        """``method(*args)`` of every alive hive at once, by hive id; None for a hive that
+        did not answer within ``_ASK_S`` (busy, or on a node that is leaving)."""
+        hive_ids = self._hive_ids()
+
+        async def ask(hive_id: str) -> Any:
+            try:
+                call = getattr(self._hive(hive_id), method).remote(*args)
+                return await asyncio.wait_for(call, _ASK_S)
+            except (RayError, InvalidRequest, TimeoutError) as exc:
+                log.warning("hive %s did not answer %s: %r", hive_id, method, exc)
+                return None
+
+        answers = await asyncio.gather(*(ask(h) for h in hive_ids))
+        return dict(zip(hive_ids, answers, strict=True))
+
+    async def _hive_list(self) -> list[dict[str, Any]]:
+        """Every alive node's hive, as its ``hive_status`` tells it (CPUs, GPUs and their
+        memory, models, workers); a hive that does not answer is listed from Ray's view of
+        its node, with ``"answered": false``."""
+        statuses = await self._ask_hives("status_now")
+        listed = []
+        for node in self._alive(fresh=True):
+            hive_id = hive_id_of(node["NodeID"])
+            status = statuses.get(hive_id)
+            if status is None:
+                status = {**_node_view(node), "answered": False}
+            listed.append({**status, "answered": status.get("answered", True)})
+        return listed
+
+    def _hive_ids(self) -> list[str]:
+        return [hive_id_of(n["NodeID"]) for n in self._alive()]
 
     def _actor(self, name: str) -> Any:
         """A handle by name, looked up once (the lookup blocks the event loop)."""
@@ -164,10 +232,10 @@ class RayBackend:
     def _hive(self, hive_id: str) -> Any:
         return self._actor(hive_name(hive_id))
 
-    def _alive(self) -> list[dict[str, Any]]:
+    def _alive(self, fresh: bool = False) -> list[dict[str, Any]]:
         """Alive nodes, re-read at most every few seconds (``ray.nodes`` blocks the loop)."""
         read_at, alive = self._nodes
-        if time.monotonic() - read_at > _NODES_TTL_S:
+        if fresh or time.monotonic() - read_at > _NODES_TTL_S:
             alive = alive_nodes()
             self._nodes = (time.monotonic(), alive)
         return alive
@@ -181,19 +249,14 @@ def _default_hive_id() -> str:
     return hive_id_of(ray.get_runtime_context().get_node_id())
 
 
-def _hive_list() -> list[dict[str, Any]]:
-    out = []
-    for node in nodes():
-        resources = node.get("Resources", {})
-        out.append(
-            {
-                "hive_id": hive_id_of(node["NodeID"]),
-                "node_id": node["NodeID"],
-                "address": node.get("NodeManagerAddress"),
-                "alive": bool(node.get("Alive")),
-                "cpus": resources.get("CPU", 0),
-                "gpus": resources.get("GPU", 0),
-                "memory_bytes": resources.get("memory", 0),
-            }
-        )
-    return out
+def _node_view(node: dict[str, Any]) -> dict[str, Any]:
+    resources = node.get("Resources", {})
+    return {
+        "hive_id": hive_id_of(node["NodeID"]),
+        "node_id": node["NodeID"],
+        "address": node.get("NodeManagerAddress"),
+        "alive": bool(node.get("Alive")),
+        "cpus": resources.get("CPU", 0),
+        "gpus": resources.get("GPU", 0),
+        "memory_bytes": resources.get("memory", 0),
+    }

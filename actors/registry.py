@@ -7,6 +7,7 @@ call doing the work; the logic lives in ``actors.core.jobs.Jobs`` and ``actors.c
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -21,6 +22,11 @@ from actors.core.store import JobStore
 from actors.core.table import JobRecord, JobState, JobTable, Lease
 from actors.operations import parse_operation
 from actors.ray_backend import RayBackend
+from actors.remote import alive_nodes
+
+log = logging.getLogger("rbee.registry")
+_GAUGE_S = 2.0
+_NODES_S = 2.0
 
 
 class JobRegistry:
@@ -43,6 +49,40 @@ class JobRegistry:
         )
         if self._store.interrupted:  # __init__ runs in the actor's event loop
             self._spawn(self._backend.stop_orphans(self._store.interrupted))
+        self._spawn(self._report_jobs())
+        self._spawn(self._follow_nodes())
+
+    async def _report_jobs(self) -> None:
+        """Jobs by state and the queue's depth, for the dashboard, every ``_GAUGE_S``."""
+        shown: set[str] = set()  #: operations seen: their gauges go back to 0, not away
+        while True:
+            counts = self._jobs.table.unfinished()
+            shown |= {operation for operation, _ in counts}
+            for operation in shown:
+                for state in (JobState.QUEUED.value, JobState.RUNNING.value):
+                    n = counts.get((operation, state), 0)
+                    self._metrics.jobs_now.set(n, tags={"operation": operation, "state": state})
+                depth = counts.get((operation, JobState.QUEUED.value), 0)
+                self._metrics.queue_depth.set(depth, tags={"operation": operation})
+            await asyncio.sleep(_GAUGE_S)
+
+    async def _follow_nodes(self) -> None:
+        """A node that joins the cluster gets its hive (and download actor) within
+        ``_NODES_S``; one that leaves is dropped from routing by ``RayBackend``."""
+        from actors.cluster import ensure_hives  # it imports this module
+
+        known: set[str] = set()
+        while True:
+            try:
+                alive = {n["NodeID"] for n in await asyncio.to_thread(alive_nodes)}
+                if joined := alive - known:
+                    await asyncio.to_thread(ensure_hives, self._config, sorted(joined))
+                    if known:
+                        log.info("started hives on %d node(s) that joined", len(joined))
+                known = alive
+            except Exception as exc:  # the GCS busy or restarting: look again next round
+                log.warning("could not follow the cluster's nodes: %r", exc)
+            await asyncio.sleep(_NODES_S)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)
@@ -148,6 +188,12 @@ class _Metrics:
     def __init__(self) -> None:
         self.jobs = metrics.Counter(
             "rbee_jobs_total", "Jobs by operation and state", tag_keys=("operation", "state")
+        )
+        self.jobs_now = metrics.Gauge(
+            "rbee_jobs_current", "Jobs queued or running now", tag_keys=("operation", "state")
+        )
+        self.queue_depth = metrics.Gauge(
+            "rbee_queue_depth", "Jobs waiting for a slot", tag_keys=("operation",)
         )
         self.cancel_latency = metrics.Histogram(
             "rbee_cancel_latency_s",

@@ -394,12 +394,24 @@ class WorkerPool:
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
+    @property
+    def gpus(self) -> int:
+        return self._gpus
+
+    def free_gpus(self) -> int:
+        """GPUs of this hive no worker holds."""
+        return max(0, self._gpus - sum(1 for w in self._workers.values() if w.device == "gpu"))
+
+    def has_room(self) -> bool:
+        """Whether a worker started now (on the configured device) would find its device."""
+        device = self._config.engine.device
+        return device == "cpu" or self.free_gpus() > 0 or (device == "auto" and self._gpus == 0)
+
     def _device(self, asked: str | None) -> str:
         asked = asked or self._config.engine.device
-        busy = sum(1 for w in self._workers.values() if w.device == "gpu")
         if asked == "cpu" or (asked == "auto" and self._gpus == 0):
             return "cpu"
-        if busy >= self._gpus:
+        if self.free_gpus() == 0:
             raise InsufficientVram(f"all {self._gpus} GPUs of this hive are taken by workers")
         return "gpu"
 

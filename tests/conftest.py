@@ -52,7 +52,19 @@ def ray_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+def metrics_port() -> int:
+    """Where the session's Ray node serves its metrics to Prometheus."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def hive(
+    hub: FakeHub,
+    cache_dir: Path,
+    ray_dir: Path,
+    metrics_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
+):
     from actors.config import Config
     from serve_app.server.launch import Hive
 
@@ -84,6 +96,8 @@ def hive(hub: FakeHub, cache_dir: Path, ray_dir: Path, tmp_path_factory: pytest.
         "dashboard_port": free_port(),
         "_temp_dir": str(ray_dir),
         "log_to_driver": False,
+        "_metrics_export_port": metrics_port,
+        "_system_config": {"metrics_report_interval_ms": 1000},  # counters seen within ~2 s
     }
     with Hive.start(config=config, ray_init=ray_init) as running:
         yield running

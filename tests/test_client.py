@@ -17,8 +17,6 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 from actors.core.errors import (
     DownloadFailed,
@@ -30,7 +28,6 @@ from actors.core.errors import (
     ModelNotFound,
     RbeeError,
     Unauthorized,
-    rbee_cause,
 )
 from actors.core.events import Error, Narration, Progress, Result, Token
 from serve_app import sse
@@ -45,7 +42,7 @@ from serve_app.client.api import (
     to_error,
 )
 from tests.conftest import free_port
-from tests.helpers import read_sse, wait_for
+from tests.helpers import read_sse
 
 MiB = 1 << 20
 
@@ -397,47 +394,3 @@ def test_a_live_stream_cut_midway_is_resumed_exactly(kind, api, hive, slow_hub):
     assert stream.sentinel == "[DONE]"
     assert ids == [e["id"] for e in stream.events] == list(range(1, len(ids) + 1))
     assert 1 <= _resumed_at(proxy) < len(ids)
-
-
-# -- from inside a Ray application, through DeploymentHandles -----------------------------------
-
-
-@serve.deployment(ray_actor_options={"num_cpus": 0})
-class Fetcher:
-    """A user's deployment that uses rbee through a handle to a deployed ``AsyncClient``."""
-
-    def __init__(self, rbee: DeploymentHandle) -> None:
-        self._rbee = rbee
-
-    async def fetch(self, model: str) -> dict[str, Any]:
-        job_id = await self._rbee.submit.remote(operation("model_download", model=model))
-        ids, kinds = [], set()
-        async for item in self._rbee.options(stream=True).stream.remote(job_id):
-            ids.append(item.id)
-            kinds.add(type(item.event).__name__)
-        record = await self._rbee.job.remote(job_id)
-        return {"job_id": job_id, "ids": ids, "kinds": kinds, "record": record}
-
-    async def cached(self, model: str) -> dict[str, Any]:
-        return await self._rbee.run.remote(operation("model_get", model=model))
-
-
-def test_a_serve_application_uses_rbee_through_deployment_handles(hive, hub):
-    repo = _repo(hub, MiB)
-    client = serve.deployment(AsyncClient, name="rbee-client", ray_actor_options={"num_cpus": 0})
-    app_name = f"rbee-user-{uuid.uuid4().hex[:6]}"
-    handle = serve.run(Fetcher.bind(client.bind(hive.url)), name=app_name, route_prefix=None)
-    try:
-        out = handle.fetch.remote(repo).result(timeout_s=120)
-        assert out["job_id"].startswith("job-")
-        assert out["ids"] == list(range(1, len(out["ids"]) + 1))
-        assert {"Narration", "Progress", "Result"} <= out["kinds"]
-        assert out["record"]["state"] == "completed"
-        assert out["record"]["result"]["model"] == repo
-        assert handle.cached.remote(repo).result(timeout_s=60)["model"] == repo
-        with pytest.raises(Exception) as raised:
-            handle.cached.remote("org/absent").result(timeout_s=60)
-        assert isinstance(rbee_cause(raised.value), ModelNotFound)
-    finally:
-        serve.delete(app_name)
-        wait_for(lambda: app_name not in serve.status().applications, timeout=60)

@@ -12,128 +12,30 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
 import pytest
-import yaml
 
 from actors.adapters.cache import RepoLayout
 from actors.core.store import JobStore
 from actors.core.table import JobState
 from actors.procs import shared_memory
-from tests.conftest import free_port
 from tests.helpers import submit, wait_for, wait_state
+from tests.servers import Served, alive, serving
 
-RBEE = str(Path(sys.executable).parent / "rbee")
 TINY = "test/tiny-llama"
 SHUTDOWN_S = 15.0
 
 
-@dataclass
-class Served:
-    process: subprocess.Popen[bytes]
-    url: str
-    state_dir: Path
-    log: Path
-
-    def processes(self) -> dict[int, float]:
-        """The server's processes: its session (its group, and Ray's workers, which have
-        groups of their own) and everything under it. pid -> start time."""
-        found: dict[int, float] = {}
-        for proc in psutil.process_iter(["pid", "create_time"]):
-            try:
-                if os.getsid(proc.pid) == self.process.pid:
-                    found[proc.pid] = proc.info["create_time"]
-            except OSError:
-                continue
-        try:
-            for child in psutil.Process(self.process.pid).children(recursive=True):
-                found[child.pid] = child.create_time()
-        except psutil.Error:
-            pass
-        return found
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _alive(processes: dict[int, float]) -> list[int]:
-    alive = []
-    for pid, started in processes.items():
-        try:
-            proc = psutil.Process(pid)
-            if proc.create_time() == started and proc.status() != psutil.STATUS_ZOMBIE:
-                alive.append(pid)
-        except psutil.Error:
-            continue
-    return alive
-
-
 def _shared_memory(processes: dict[int, float]) -> set[Path]:
     """The /dev/shm files these processes map."""
-    return {path for pid in _alive(processes) for path in shared_memory(pid)}
-
-
-@contextmanager
-def serving(tmp_path: Path, cache_dir: Path | None = None, **config: Any) -> Iterator[Served]:
-    """``rbee serve`` in a new session, with a temp state dir, cache and Ray dir."""
-    port = free_port()
-    config_file = tmp_path / "rbee.yaml"
-    config_file.write_text(yaml.safe_dump({"embedded": False, "preload": [], **config}))
-    ray_dir = Path(tempfile.mkdtemp(prefix="rbee-ray-", dir="/tmp"))  # short: Ray's sockets
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("RBEE_", "RAY_"))},
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_TMPDIR": str(ray_dir),
-        "RBEE_CONFIG": str(config_file),
-        "RBEE_STATE_DIR": str(tmp_path / "state"),
-        "RBEE_CACHE_DIR": str(cache_dir or tmp_path / "cache"),
-    }
-    log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [RBEE, "serve", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    served = Served(process, f"http://127.0.0.1:{port}", tmp_path / "state", log)
-    seen: dict[int, float] = {}
-    try:
-
-        def healthy() -> bool:
-            assert process.poll() is None, served.output()
-            seen.update(served.processes())
-            try:
-                return httpx.get(f"{served.url}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, timeout=180, interval=0.5)
-        yield served
-    finally:
-        seen.update(served.processes())
-        for pid in _alive(seen):  # only what this test started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        process.wait(timeout=30)
-        shutil.rmtree(ray_dir, ignore_errors=True)
+    return {path for pid in alive(processes) for path in shared_memory(pid)}
 
 
 def _stop(served: Served, *, to_group: bool) -> set[Path]:
@@ -148,9 +50,9 @@ def _stop(served: Served, *, to_group: bool) -> set[Path]:
     else:
         served.process.send_signal(signal.SIGTERM)
     try:
-        wait_for(lambda: not _alive(processes), timeout=SHUTDOWN_S, interval=0.1)
+        wait_for(lambda: not alive(processes), timeout=SHUTDOWN_S, interval=0.1)
     except AssertionError:
-        left = [psutil.Process(p).cmdline()[:2] for p in _alive(processes)]
+        left = [psutil.Process(p).cmdline()[:2] for p in alive(processes)]
         raise AssertionError(f"still running after {SHUTDOWN_S}s: {left}\n{served.output()}") from None
     assert time.monotonic() - started < SHUTDOWN_S
     assert served.process.wait(timeout=1) == 0, served.output()

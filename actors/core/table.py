@@ -204,6 +204,16 @@ class JobTable:
         entry = self._jobs.get(job_id)
         return entry.record if entry else None
 
+    def unfinished(self) -> dict[tuple[str, str], int]:
+        """How many jobs are queued or running, by (operation, state)."""
+        counts: dict[tuple[str, str], int] = {}
+        for entry in self._jobs.values():
+            record = entry.record
+            if not record.state.terminal:
+                key = (record.operation, record.state.value)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
     def recent(
         self, *, state: JobState | None = None, operation: str | None = None, limit: int = 100
     ) -> list[JobRecord]:

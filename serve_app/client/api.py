@@ -18,29 +18,8 @@ with backoff), so no event is lost or repeated. Errors are the server's own clas
 ``actors.core.errors``, looked up by the wire ``code``; ``ServerUnavailable`` means nothing
 answered. ``RBEE_API_TOKEN`` (or ``token=``) is sent as ``Authorization: Bearer``.
 
-Inside a Ray application: rbee's Serve ingress is an ASGI app, so its own
-``serve.get_app_handle("rbee")`` takes HTTP requests, not method calls. ``AsyncClient`` is a
-plain class with async methods, so it *is* a deployment — bind it once and every other
-deployment reaches rbee through a ``DeploymentHandle``, typed events and errors included
-(``tests/test_client.py`` runs exactly this; a sync ``Client`` would block a replica's loop)::
-
-    from ray import serve
-    from ray.serve.handle import DeploymentHandle
-    from serve_app.client.api import AsyncClient, operation
-
-    @serve.deployment
-    class Fetcher:
-        def __init__(self, rbee: DeploymentHandle) -> None:
-            self._rbee = rbee
-
-        async def fetch(self, model: str) -> dict:
-            job_id = await self._rbee.submit.remote(operation("model_download", model=model))
-            async for item in self._rbee.options(stream=True).stream.remote(job_id):
-                ...                             # StreamEvent, as above
-            return (await self._rbee.job.remote(job_id))["result"]
-
-    rbee = serve.deployment(AsyncClient, name="rbee-client", ray_actor_options={"num_cpus": 0})
-    serve.run(Fetcher.bind(rbee.bind("http://127.0.0.1:7835")), name="fetcher", route_prefix=None)
+Inside a Ray cluster no HTTP client is needed: ``serve.get_app_handle("rbee")`` offers the
+same methods with the same typed events and errors (see ``serve_app.server.deployment``).
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ from serve_app.server.jobstream import (
     Idle,
     Item,
     JobStream,
+    check_listing,
     correlation_id,
     new_correlation_id,
     read,
@@ -109,13 +110,8 @@ class Api:
 
     async def list_jobs(self, request: Request) -> Response:
         state, operation = _query(request, "state"), _query(request, "operation")
-        if state is not None and state not in {s.value for s in JobState}:
-            raise InvalidRequest(f"state must be one of {[s.value for s in JobState]}")
-        if operation is not None and operation not in OPERATION_NAMES:
-            raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
         limit = _count(_query(request, "limit") or "100", "limit")
-        if not 1 <= limit <= 10_000:
-            raise InvalidRequest("limit must be between 1 and 10000")
+        check_listing(state, operation, limit)
         jobs = await read(lambda: self.registry.jobs.remote(state, operation, limit))
         return JSONResponse({"jobs": jobs})
 

@@ -1,11 +1,25 @@
-"""The Ray Serve deployment that hosts the Starlette ingress.
+"""The Ray Serve deployment that hosts the Starlette ingress, and rbee's Python API inside Ray.
 
 ``serve run configs/serve.yaml`` imports ``serve_app.server.deployment:app_builder``; ``rbee serve``
 binds ``INGRESS`` itself. Either way the replica brings up (or finds) rbee's actors.
+
+Python code inside the Ray cluster (a driver, a task, another Serve application) calls the
+same replica through ``serve.get_app_handle("rbee")``, with no HTTP in between (SPEC §8)::
+
+    rbee = serve.get_app_handle("rbee")
+    job_id = await rbee.submit.remote({"operation": "model_download", "model": "org/name"})
+    async for item in rbee.options(stream=True).stream.remote(job_id):
+        ...                      # StreamEvent(id, event): Narration, Progress, Token, Result, ...
+    await rbee.cancel.remote(job_id)
+
+Events are the typed events of ``actors.core.events``; errors are rbee's own classes from
+``actors.core.errors`` (Ray wraps them in a ``RayTaskError`` that is also an instance of
+them), exactly as the HTTP client raises them.
 """
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from ray import serve
@@ -13,7 +27,17 @@ from ray.serve import Application
 
 from actors.cluster import ensure_cluster
 from actors.config import Config
+from actors.core.errors import InvalidRequest, JobFinished, JobNotFound
+from actors.core.events import StreamEvent
+from actors.operations import check_id
 from serve_app.server.app import build_app
+from serve_app.server.jobstream import (
+    JobStream,
+    check_listing,
+    new_correlation_id,
+    read,
+    remote,
+)
 
 APP_NAME = "rbee"
 
@@ -22,9 +46,62 @@ class Ingress:
     def __init__(self, config: Config) -> None:
         self._config = config
         self._registry = ensure_cluster(config)
+        self._jobs = JobStream(config, self._registry)
 
     def __serve_build_asgi_app__(self) -> Any:
         return build_app(self._config, self._registry)
+
+    # -- the Python API through Serve handles (the HTTP client's methods, without HTTP) --
+
+    async def submit(self, op: Mapping[str, Any], correlation_id: str | None = None) -> str:
+        """Start a job (SPEC §3) and return its id at once."""
+        cid = correlation_id or new_correlation_id()
+        record = await remote(self._registry.submit.remote(dict(op), cid))
+        return str(record["job_id"])
+
+    async def stream(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[StreamEvent]:
+        """The job's events after ``last_event_id``, live (call with
+        ``.options(stream=True)``): ends if the job completed, raises its error if it failed
+        and ``JobCancelled`` if it was cancelled."""
+        _check_job_id(job_id)
+        if isinstance(last_event_id, bool) or not isinstance(last_event_id, int):
+            raise InvalidRequest("last_event_id must be a non-negative integer")
+        if last_event_id < 0:
+            raise InvalidRequest("last_event_id must be a non-negative integer")
+        await read(lambda: self._registry.job.remote(job_id))
+        async for item in self._jobs.events(job_id, last_event_id):
+            yield item
+
+    async def cancel(self, job_id: str, wait: bool = False) -> None:
+        """Ask for the cancel; with ``wait``, return once the job is cancelled and raise
+        ``JobNotFound``/``JobFinished`` if there was nothing to stop."""
+        _check_job_id(job_id)
+        answer = await remote(self._registry.cancel.remote([job_id], None, wait=wait))
+        if answer["unknown"]:
+            raise JobNotFound(f"no job {job_id!r}")
+        if wait and not answer["ended"]:
+            raise JobFinished(f"job {job_id!r} had already finished")
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        _check_job_id(job_id)
+        return dict(await read(lambda: self._registry.job.remote(job_id)))
+
+    async def jobs(
+        self, state: str | None = None, operation: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Jobs, newest first."""
+        check_listing(state, operation, limit)
+        return list(await read(lambda: self._registry.jobs.remote(state, operation, limit)))
+
+    async def run(self, op: Mapping[str, Any], correlation_id: str | None = None) -> dict[str, Any]:
+        """Submit ``op``, wait for it and return its result (or raise its error)."""
+        return await self._jobs.result(await self.submit(op, correlation_id))
+
+
+def _check_job_id(job_id: Any) -> None:
+    if not isinstance(job_id, str):
+        raise InvalidRequest("job_id must be a string")
+    check_id(job_id, "job_id")
 
 
 # Serve's decorators, applied as calls: a class decorator does not change what a type

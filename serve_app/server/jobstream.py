@@ -20,6 +20,8 @@ from starlette.requests import Request
 from actors.config import Config
 from actors.core.errors import (
     BodyTooLarge,
+    InvalidRequest,
+    JobCancelled,
     JobNotFound,
     MalformedBody,
     RbeeError,
@@ -31,6 +33,7 @@ from actors.core.errors import (
 from actors.core.events import Result, StreamEvent
 from actors.core.table import JobState, Lease
 from actors.naming import NAMESPACE
+from actors.operations import OPERATION_NAMES
 
 log = logging.getLogger("rbee.jobstream")
 
@@ -226,17 +229,23 @@ class JobStream:
             self._handles[name] = handle
         return handle
 
+    async def events(self, job_id: str, after: int = 0) -> AsyncIterator[StreamEvent]:
+        """The job's events after ``after``, live, until it ends: returns if it completed,
+        raises its error if it failed and ``JobCancelled`` if it was cancelled (as the HTTP
+        client's ``stream`` does on the sentinel)."""
+        async for batch in self.follow(job_id, after):
+            for item in batch:
+                if isinstance(item, StreamEvent):
+                    yield item
+                elif isinstance(item, End):
+                    raise_end(job_id, item)
+
     async def result(self, job_id: str) -> dict[str, Any]:
         """Wait for the job; its result, or its error raised as ours."""
         result: dict[str, Any] = {}
-        async for batch in self.follow(job_id):
-            for item in batch:
-                if isinstance(item, StreamEvent) and isinstance(item.event, Result):
-                    result = item.event.value
-                elif isinstance(item, End):
-                    if item.state != JobState.COMPLETED.value and item.error:
-                        cls = error_class(item.error["code"]) or RbeeError
-                        raise cls(item.error["message"], param=item.error.get("param"))
+        async for item in self.events(job_id):
+            if isinstance(item.event, Result):
+                result = item.event.value
         return result
 
     def cancel_soon(self, job_id: str, cid: str | None = None) -> None:
@@ -268,6 +277,27 @@ class JobStream:
 
     async def models(self) -> list[dict[str, Any]]:
         return list(await remote(self.registry.models.remote()))
+
+
+def check_listing(state: Any, operation: Any, limit: Any) -> None:
+    """The filters of a job listing, or ``InvalidRequest`` naming the one that is wrong."""
+    if state is not None and state not in {s.value for s in JobState}:
+        raise InvalidRequest(f"state must be one of {[s.value for s in JobState]}")
+    if operation is not None and operation not in OPERATION_NAMES:
+        raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+        raise InvalidRequest("limit must be between 1 and 10000")
+
+
+def raise_end(job_id: str, end: End) -> None:
+    """Return if the job completed; else raise its error (``JobCancelled`` if cancelled)."""
+    error = end.error or {}
+    if end.state == JobState.CANCELLED.value:
+        raise JobCancelled(error.get("message") or f"job {job_id} was cancelled")
+    if end.state != JobState.COMPLETED.value:
+        cls = error_class(str(error.get("code"))) or RbeeError
+        message = error.get("message") or f"job {job_id} failed"
+        raise cls(message, retriable=error.get("retriable"), param=error.get("param"))
 
 
 def _lost(message: str) -> End:
