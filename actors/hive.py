@@ -31,7 +31,7 @@ from actors.operations import (
     WorkerSpawn,
     WorkerStop,
 )
-from actors.remote import nodes
+from actors.remote import node_view, nodes
 from actors.workers import WorkerPool
 
 ACTOR = "hive"
@@ -97,17 +97,14 @@ class Hive:
         return await self._workers.ensure(model)
 
     async def placement(self, model: str) -> dict[str, Any]:
-        """What routing needs to pick a hive for ``model``: whether this hive has it
-        (cached, or a ready worker serving it) and whether it has room for a worker."""
+        """What routing needs to pick a hive for ``model``: whether this hive has it in its
+        cache, whether it has room for a worker, and how many GPUs it has free."""
         await self._workers.settled()
-        cached = await asyncio.to_thread(self._has, model)
         return {
             "hive_id": self._hive_id,
-            "serving": self._workers.find(model) is not None,
-            "cached": cached,
-            "gpus": self._workers.gpus,
-            "free_gpus": self._workers.free_gpus(),
+            "cached": await asyncio.to_thread(self._has, model),
             "room": self._workers.has_room(),
+            "free_gpus": self._workers.free_gpus(),
         }
 
     def _has(self, model: str) -> bool:
@@ -194,17 +191,11 @@ class Hive:
         return next((n for n in nodes() if n["NodeID"] == self._node_id), {})
 
     def status(self) -> dict[str, Any]:
-        node = self._node()
-        resources = node.get("Resources", {})
         return {
             "hive_id": self._hive_id,
             "node_id": self._node_id,
             "host": socket.gethostname(),
-            "address": node.get("NodeManagerAddress"),
-            "alive": bool(node.get("Alive", True)),
-            "cpus": resources.get("CPU", 0),
-            "gpus": resources.get("GPU", 0),
-            "memory_bytes": resources.get("memory", 0),
+            **node_view(self._node()),
             "gpu_memory": gpu_memory(),
             "free_gpus": self._workers.free_gpus(),
             "cache_dir": str(self._catalog.cache_dir),

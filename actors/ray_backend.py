@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
@@ -22,11 +22,12 @@ from actors.core.jobs import Lease
 from actors.core.table import JobRecord
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.operations import HiveList, Infer, ModelDownload
-from actors.remote import alive_nodes
+from actors.remote import alive_nodes, node_view
 
 log = logging.getLogger("rbee.backend")
 
 ACTOR = "registry"
+_NODES_S = 2.0
 _NODES_TTL_S = 5.0
 _ORPHANS_BOUND_S = 60.0
 _CONFIRM_S = 1.0
@@ -206,14 +207,17 @@ class RayBackend:
         """Every alive node's hive, as its ``hive_status`` tells it (CPUs, GPUs and their
         memory, models, workers); a hive that does not answer is listed from Ray's view of
         its node, with ``"answered": false``."""
+        alive = self._alive(fresh=True)  # the hives asked are these nodes'
         statuses = await self._ask_hives("status_now")
         listed = []
-        for node in self._alive(fresh=True):
+        for node in alive:
             hive_id = hive_id_of(node["NodeID"])
             status = statuses.get(hive_id)
-            if status is None:
-                status = {**_node_view(node), "answered": False}
-            listed.append({**status, "answered": status.get("answered", True)})
+            if status is not None:
+                listed.append({**status, "answered": True})
+            else:
+                seen = {"hive_id": hive_id, "node_id": node["NodeID"], **node_view(node)}
+                listed.append({**seen, "answered": False})
         return listed
 
     def _hive_ids(self) -> list[str]:
@@ -232,8 +236,28 @@ class RayBackend:
     def _hive(self, hive_id: str) -> Any:
         return self._actor(hive_name(hive_id))
 
+    async def follow_nodes(self, on_join: Callable[[list[str]], None]) -> None:
+        """Re-read the alive nodes every ``_NODES_S`` (off the loop: ``ray.nodes`` blocks) for
+        routing, and call ``on_join`` (in a thread) with the ids of nodes that joined: within
+        ``_NODES_S`` a new node gets its hive, and one that left stops being routed to."""
+        known: set[str] = set()
+        while True:
+            try:
+                alive = await asyncio.to_thread(alive_nodes)
+                self._nodes = (time.monotonic(), alive)
+                ids = {n["NodeID"] for n in alive}
+                if joined := ids - known:
+                    await asyncio.to_thread(on_join, sorted(joined))
+                    if known:
+                        log.info("started hives on %d node(s) that joined", len(joined))
+                known = ids
+            except Exception as exc:  # the GCS busy or restarting: look again next round
+                log.warning("could not follow the cluster's nodes: %r", exc)
+            await asyncio.sleep(_NODES_S)
+
     def _alive(self, fresh: bool = False) -> list[dict[str, Any]]:
-        """Alive nodes, re-read at most every few seconds (``ray.nodes`` blocks the loop)."""
+        """Alive nodes as ``follow_nodes`` last read them; read here (blocking the loop) if
+        that is older than ``_NODES_TTL_S`` or ``fresh`` is asked."""
         read_at, alive = self._nodes
         if fresh or time.monotonic() - read_at > _NODES_TTL_S:
             alive = alive_nodes()
@@ -247,16 +271,3 @@ def _first_line(exc: BaseException) -> str:
 
 def _default_hive_id() -> str:
     return hive_id_of(ray.get_runtime_context().get_node_id())
-
-
-def _node_view(node: dict[str, Any]) -> dict[str, Any]:
-    resources = node.get("Resources", {})
-    return {
-        "hive_id": hive_id_of(node["NodeID"]),
-        "node_id": node["NodeID"],
-        "address": node.get("NodeManagerAddress"),
-        "alive": bool(node.get("Alive")),
-        "cpus": resources.get("CPU", 0),
-        "gpus": resources.get("GPU", 0),
-        "memory_bytes": resources.get("memory", 0),
-    }

@@ -7,7 +7,6 @@ call doing the work; the logic lives in ``actors.core.jobs.Jobs`` and ``actors.c
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
@@ -22,11 +21,8 @@ from actors.core.store import JobStore
 from actors.core.table import JobRecord, JobState, JobTable, Lease
 from actors.operations import parse_operation
 from actors.ray_backend import RayBackend
-from actors.remote import alive_nodes
 
-log = logging.getLogger("rbee.registry")
 _GAUGE_S = 2.0
-_NODES_S = 2.0
 
 
 class JobRegistry:
@@ -50,7 +46,7 @@ class JobRegistry:
         if self._store.interrupted:  # __init__ runs in the actor's event loop
             self._spawn(self._backend.stop_orphans(self._store.interrupted))
         self._spawn(self._report_jobs())
-        self._spawn(self._follow_nodes())
+        self._spawn(self._backend.follow_nodes(self._start_hives))
 
     async def _report_jobs(self) -> None:
         """Jobs by state and the queue's depth, for the dashboard, every ``_GAUGE_S``."""
@@ -66,23 +62,11 @@ class JobRegistry:
                 self._metrics.queue_depth.set(depth, tags={"operation": operation})
             await asyncio.sleep(_GAUGE_S)
 
-    async def _follow_nodes(self) -> None:
-        """A node that joins the cluster gets its hive (and download actor) within
-        ``_NODES_S``; one that leaves is dropped from routing by ``RayBackend``."""
+    def _start_hives(self, node_ids: list[str]) -> None:
+        """A hive (and download actor) on each node that joined (or was there at start)."""
         from actors.cluster import ensure_hives  # it imports this module
 
-        known: set[str] = set()
-        while True:
-            try:
-                alive = {n["NodeID"] for n in await asyncio.to_thread(alive_nodes)}
-                if joined := alive - known:
-                    await asyncio.to_thread(ensure_hives, self._config, sorted(joined))
-                    if known:
-                        log.info("started hives on %d node(s) that joined", len(joined))
-                known = alive
-            except Exception as exc:  # the GCS busy or restarting: look again next round
-                log.warning("could not follow the cluster's nodes: %r", exc)
-            await asyncio.sleep(_NODES_S)
+        ensure_hives(self._config, node_ids)
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.create_task(work)

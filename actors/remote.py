@@ -29,5 +29,17 @@ def nodes() -> list[dict[str, Any]]:
     return found
 
 
+def node_view(node: dict[str, Any]) -> dict[str, Any]:
+    """What ``hive_status`` tells of a node from Ray's entry for it (``{}``: nothing known)."""
+    resources = node.get("Resources", {})
+    return {
+        "address": node.get("NodeManagerAddress"),
+        "alive": bool(node.get("Alive", True)),
+        "cpus": resources.get("CPU", 0),
+        "gpus": resources.get("GPU", 0),
+        "memory_bytes": resources.get("memory", 0),
+    }
+
+
 def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in nodes() if n.get("Alive")]

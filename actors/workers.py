@@ -394,10 +394,6 @@ class WorkerPool:
         while self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
 
-    @property
-    def gpus(self) -> int:
-        return self._gpus
-
     def free_gpus(self) -> int:
         """GPUs of this hive no worker holds."""
         return max(0, self._gpus - sum(1 for w in self._workers.values() if w.device == "gpu"))
