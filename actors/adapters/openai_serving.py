@@ -15,12 +15,13 @@ request whose stream is cancelled or closed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from actors.core.errors import InternalError, InvalidRequest, ModelNotFound, RbeeError
 from actors.core.events import Event, Result, Token
@@ -81,9 +82,7 @@ class OpenAiServing:
         from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
         model = ChatCompletionRequest if api == "chat" else CompletionRequest
-        known = set(model.model_fields) | {
-            f.alias for f in model.model_fields.values() if f.alias is not None
-        }
+        known = _keys_of(model)
         for key in sorted(body):
             if key in _RBEE_OWNS:
                 raise InvalidRequest(f"{key}: rbee names each request by its job id", param=key)
@@ -228,3 +227,10 @@ def _raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+@functools.cache
+def _keys_of(model: type[BaseModel]) -> frozenset[str]:
+    """The keys a request model reads: its fields and their aliases (worked out once)."""
+    fields = model.model_fields
+    return frozenset(fields) | {f.alias for f in fields.values() if f.alias is not None}

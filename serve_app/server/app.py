@@ -17,7 +17,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.config import Config
-from actors.core.errors import InvalidRequest, JobFinished, JobNotFound, RbeeError, Unauthorized
+from actors.core.errors import InvalidRequest, RbeeError, Unauthorized
 from actors.core.table import JobState
 from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
@@ -27,6 +27,7 @@ from serve_app.server.jobstream import (
     Idle,
     Item,
     JobStream,
+    check_cancelled,
     check_listing,
     correlation_id,
     new_correlation_id,
@@ -121,11 +122,7 @@ class Api:
 
     async def delete_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        answer = await self._cancel(request, [job_id], wait=True)
-        if answer["unknown"]:
-            raise JobNotFound(f"no job {job_id!r}")
-        if not answer["ended"]:
-            raise JobFinished(f"job {job_id!r} had already finished")
+        check_cancelled(job_id, await self._cancel(request, [job_id], wait=True), waited=True)
         return JSONResponse({"job_id": job_id, "status": "cancelled"})
 
     async def cancel_job(self, request: Request) -> Response:

@@ -27,12 +27,13 @@ from ray.serve import Application
 
 from actors.cluster import ensure_cluster
 from actors.config import Config
-from actors.core.errors import InvalidRequest, JobFinished, JobNotFound
+from actors.core.errors import InvalidRequest
 from actors.core.events import StreamEvent
 from actors.operations import check_id
 from serve_app.server.app import build_app
 from serve_app.server.jobstream import (
     JobStream,
+    check_cancelled,
     check_listing,
     new_correlation_id,
     read,
@@ -64,9 +65,7 @@ class Ingress:
         ``.options(stream=True)``): ends if the job completed, raises its error if it failed
         and ``JobCancelled`` if it was cancelled."""
         _check_job_id(job_id)
-        if isinstance(last_event_id, bool) or not isinstance(last_event_id, int):
-            raise InvalidRequest("last_event_id must be a non-negative integer")
-        if last_event_id < 0:
+        if isinstance(last_event_id, bool) or not isinstance(last_event_id, int) or last_event_id < 0:
             raise InvalidRequest("last_event_id must be a non-negative integer")
         await read(lambda: self._registry.job.remote(job_id))
         async for item in self._jobs.events(job_id, last_event_id):
@@ -77,10 +76,7 @@ class Ingress:
         ``JobNotFound``/``JobFinished`` if there was nothing to stop."""
         _check_job_id(job_id)
         answer = await remote(self._registry.cancel.remote([job_id], None, wait=wait))
-        if answer["unknown"]:
-            raise JobNotFound(f"no job {job_id!r}")
-        if wait and not answer["ended"]:
-            raise JobFinished(f"job {job_id!r} had already finished")
+        check_cancelled(job_id, answer, waited=wait)
 
     async def job(self, job_id: str) -> dict[str, Any]:
         _check_job_id(job_id)

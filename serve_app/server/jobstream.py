@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ from actors.core.errors import (
     BodyTooLarge,
     InvalidRequest,
     JobCancelled,
+    JobFinished,
     JobNotFound,
     MalformedBody,
     RbeeError,
@@ -123,7 +124,7 @@ class JobStream:
         record = await remote(self.registry.submit.remote(body, correlation_id(request)))
         return str(record["job_id"])
 
-    async def follow(self, job_id: str, after: int = 0) -> AsyncIterator[list[Item]]:
+    async def follow(self, job_id: str, after: int = 0) -> AsyncGenerator[list[Item], None]:
         """The job's events after ``after``, live, in lists, then its ``End``.
 
         Events come from the registry, except while an actor runs the job: they are then
@@ -287,6 +288,15 @@ def check_listing(state: Any, operation: Any, limit: Any) -> None:
         raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
         raise InvalidRequest("limit must be between 1 and 10000")
+
+
+def check_cancelled(job_id: str, answer: dict[str, list[str]], waited: bool) -> None:
+    """The registry's answer to the cancel of one job: ``JobNotFound`` if it does not know
+    the job; after a ``wait``, ``JobFinished`` if the job had ended before the cancel."""
+    if answer["unknown"]:
+        raise JobNotFound(f"no job {job_id!r}")
+    if waited and not answer["ended"]:
+        raise JobFinished(f"job {job_id!r} had already finished")
 
 
 def raise_end(job_id: str, end: End) -> None:

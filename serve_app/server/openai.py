@@ -9,9 +9,17 @@ routes, waits, streams and cancels.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+)
 from http import HTTPStatus
 from typing import Any, Literal, TypeVar
 
@@ -131,42 +139,53 @@ class OpenAi:
             self._jobs.cancel_soon(submitted.result())
 
 
-async def _first_answer(events: AsyncIterator[list[Item]]) -> list[Item]:
+async def _first_answer(events: AsyncGenerator[list[Item], None]) -> list[Item]:
     """The job's events up to its first token, result or error; its error, when that comes
-    first, is raised (with the parameter at fault)."""
+    first, is raised (with the parameter at fault) and the events are closed."""
     head: list[Item] = []
     async for batch in events:
         head += batch
         for item in batch:
             event = item.event if isinstance(item, StreamEvent) else None
             if isinstance(event, Error):
-                raise (error_class(event.code) or RbeeError)(event.message, param=event.param)
+                await events.aclose()  # no stream follows a refusal
+                raise _error_of(event)
             if isinstance(event, Token | Result):
                 return head
     return head
 
 
-async def _stream(head: list[Item], events: AsyncIterator[list[Item]]) -> AsyncIterator[str]:
+async def _stream(
+    head: list[Item], events: AsyncGenerator[list[Item], None]
+) -> AsyncIterator[str]:
     """The chunks as vLLM's server writes them, then ``[DONE]``; a failure (a cancel, say)
-    is an ``error`` chunk in OpenAI's shape."""
-    batch: list[Item] | None = head
-    while batch is not None:
-        out = []
-        for item in batch:
-            if not isinstance(item, StreamEvent):
-                continue
-            event = item.event
-            if isinstance(event, Token) and event.wire is not None:
-                out.append(f"data: {event.wire}\n\n")
-            elif isinstance(event, Result) and "usage_chunk" in event.value:
-                out.append(f"data: {event.value['usage_chunk']}\n\n")
-            elif isinstance(event, Error):
-                failure = (error_class(event.code) or RbeeError)(event.message, param=event.param)
-                out.append(_sse(error_body(failure)))
-        if out:
-            yield "".join(out)
-        batch = await anext(events, None)
-    yield "data: [DONE]\n\n"
+    is an ``error`` chunk in OpenAI's shape. The job's events are closed with it (a client
+    gone midway leaves no long poll or live watch behind)."""
+    async with contextlib.aclosing(events):
+        batch: list[Item] | None = head
+        while batch is not None:
+            if out := "".join(_wire(batch)):
+                yield out
+            batch = await anext(events, None)
+        yield "data: [DONE]\n\n"
+
+
+def _wire(batch: list[Item]) -> Iterator[str]:
+    for item in batch:
+        if not isinstance(item, StreamEvent):
+            continue
+        event = item.event
+        if isinstance(event, Token) and event.wire is not None:
+            yield f"data: {event.wire}\n\n"
+        elif isinstance(event, Result) and "usage_chunk" in event.value:
+            yield f"data: {event.value['usage_chunk']}\n\n"
+        elif isinstance(event, Error):
+            yield _sse(error_body(_error_of(event)))
+
+
+def _error_of(event: Error) -> RbeeError:
+    """The job's error event as rbee's error of its code (with the parameter at fault)."""
+    return (error_class(event.code) or RbeeError)(event.message, param=event.param)
 
 
 class _JobStreamResponse(StreamingResponse):
