@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +58,15 @@ def read_sse(
                 return out
         assert out.sentinel is not None, "the stream closed without a sentinel"
     return out
+
+
+def random_model(hub: Any, size: int, prefix: str = "org/m", *, config: bool = True) -> str:
+    """A new repo on the fake hub: a ``config.json`` (unless ``config`` is False) and
+    ``size`` random bytes of ``model.bin``; its id, ``<prefix>-<8 hex>``."""
+    repo = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    files = {"config.json": b"{}"} if config else {}
+    hub.add_repo(repo, {**files, "model.bin": os.urandom(size)})
+    return repo
 
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05) -> Any:

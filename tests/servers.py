@@ -25,6 +25,24 @@ from tests.helpers import wait_for
 RBEE = str(Path(sys.executable).parent / "rbee")
 
 
+def processes_of(leader: int) -> dict[int, float]:
+    """The processes of the session ``leader`` started (its group, and Ray's workers, which
+    have groups of their own) and everything under it. pid -> start time."""
+    found: dict[int, float] = {}
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getsid(proc.pid) == leader:
+                found[proc.pid] = proc.info["create_time"]
+        except OSError:
+            continue
+    try:
+        for child in psutil.Process(leader).children(recursive=True):
+            found[child.pid] = child.create_time()
+    except psutil.Error:
+        pass
+    return found
+
+
 @dataclass
 class Served:
     process: subprocess.Popen[bytes]
@@ -33,21 +51,8 @@ class Served:
     log: Path
 
     def processes(self) -> dict[int, float]:
-        """The server's processes: its session (its group, and Ray's workers, which have
-        groups of their own) and everything under it. pid -> start time."""
-        found: dict[int, float] = {}
-        for proc in psutil.process_iter(["pid", "create_time"]):
-            try:
-                if os.getsid(proc.pid) == self.process.pid:
-                    found[proc.pid] = proc.info["create_time"]
-            except OSError:
-                continue
-        try:
-            for child in psutil.Process(self.process.pid).children(recursive=True):
-                found[child.pid] = child.create_time()
-        except psutil.Error:
-            pass
-        return found
+        """The server's processes (``processes_of``)."""
+        return processes_of(self.process.pid)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pexpect
@@ -24,7 +23,7 @@ from actors.operations import OPERATION_NAMES
 from serve_app.client import render as cli_render
 from serve_app.client.api import StreamEvent
 from tests.conftest import free_port
-from tests.helpers import job, wait_for, wait_state
+from tests.helpers import job, random_model, wait_for, wait_state
 
 MiB = 1 << 20
 RBEE = str(Path(sys.executable).parent / "rbee")
@@ -66,10 +65,7 @@ def slow_hub(hub):
 
 
 def _repo(hub, size: int, *, config: bool = True) -> str:
-    repo = f"org/cli-{uuid.uuid4().hex[:8]}"
-    files = {"config.json": b"{}"} if config else {}
-    hub.add_repo(repo, {**files, "model.bin": os.urandom(size)})
-    return repo
+    return random_model(hub, size, "org/cli", config=config)
 
 
 def _blobs(cache_dir: Path, repo: str) -> list[Path]:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import pickle
 import socket
 import threading
 import time
-import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,7 +40,7 @@ from serve_app.client.api import (
     to_error,
 )
 from tests.conftest import free_port
-from tests.helpers import read_sse
+from tests.helpers import random_model, read_sse
 
 MiB = 1 << 20
 
@@ -191,9 +189,7 @@ async def _async_jobs(url: str) -> list[dict[str, Any]]:
 
 
 def _repo(hub, size: int) -> str:
-    repo = f"org/cl-{uuid.uuid4().hex[:8]}"
-    hub.add_repo(repo, {"config.json": b"{}", "model.bin": os.urandom(size)})
-    return repo
+    return random_model(hub, size, "org/cl")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ errors of the HTTP client and no HTTP in between."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -18,15 +17,13 @@ from ray import serve
 
 from actors.core.errors import JobCancelled, ModelNotFound, rbee_cause
 from actors.core.events import Progress
-from tests.helpers import wait_for
+from tests.helpers import random_model, wait_for
 
 MiB = 1 << 20
 
 
 def _repo(hub, size: int) -> str:
-    repo = f"org/handle-{uuid.uuid4().hex[:8]}"
-    hub.add_repo(repo, {"config.json": b"{}", "model.bin": os.urandom(size)})
-    return repo
+    return random_model(hub, size, "org/handle")
 
 
 def test_a_ray_driver_of_its_own_uses_rbee_through_the_app_handle(hive, hub):

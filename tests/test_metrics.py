@@ -4,15 +4,13 @@ session node's metrics endpoint while a download, an inference and a cancel run.
 from __future__ import annotations
 
 import importlib.util
-import os
-import uuid
 from collections.abc import Callable
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import read_sse, submit, wait_for, wait_state
+from tests.helpers import random_model, read_sse, submit, wait_for, wait_state
 
 MiB = 1 << 20
 NO_INFERENCE = importlib.util.find_spec("vllm") is None
@@ -57,9 +55,7 @@ def _positive(samples: Samples, name: str, **labels: str) -> Samples:
 
 
 def _repo(hub, size: int) -> str:
-    repo = f"org/metrics-{uuid.uuid4().hex[:8]}"
-    hub.add_repo(repo, {"config.json": b"{}", "model.bin": os.urandom(size)})
-    return repo
+    return random_model(hub, size, "org/metrics")
 
 
 def test_download_bytes_and_jobs_counters_move(api, hub, metrics_port):
