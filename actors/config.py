@@ -68,6 +68,9 @@ class ServerConfig(_Section):
     #: ``haproxy``: Ray Serve's HAProxy ingress and fast data plane (``serve_app.server.fast_path``),
     #: for a Ray rbee starts itself; ``proxy``: Serve's Python proxy
     ingress: Literal["haproxy", "proxy"] = "haproxy"
+    #: where Serve runs its HTTP proxies (Serve's ``proxy_location``): every node, or the head
+    #: only (clients then reach rbee through the head alone)
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
 
 
 class Config(_Section):

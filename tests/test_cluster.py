@@ -16,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ import pytest
 
 from actors.naming import hive_id_of
 from tests.conftest import free_port
-from tests.helpers import read_sse, submit, wait_for, wait_state
-from tests.servers import serving
+from tests.helpers import random_model, read_sse, submit, wait_for, wait_state
+from tests.servers import alive, processes_of, serving
 
 MiB = 1 << 20
 NO_INFERENCE = importlib.util.find_spec("vllm") is None
@@ -60,22 +59,6 @@ class Nodes:
     def hive(self, name: str) -> str:
         return hive_id_of(self.ids[name])
 
-    def processes(self) -> set[int]:
-        """The cluster's processes: its host's session and everything under it."""
-        found = {p.pid for p in psutil.process_iter() if _session(p.pid) == self.process.pid}
-        try:
-            found |= {c.pid for c in psutil.Process(self.process.pid).children(recursive=True)}
-        except psutil.Error:
-            pass
-        return found
-
-
-def _session(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
-
 
 @pytest.fixture(scope="module")
 def nodes() -> Iterator[Nodes]:
@@ -98,20 +81,20 @@ def nodes() -> Iterator[Nodes]:
     assert host.stdout is not None
     first = json.loads(host.stdout.readline())
     cluster = Nodes(host, first["address"], root / "caches", {"head": first["node_id"]})
-    seen: set[int] = set()
+    seen: dict[int, float] = {}
     try:
         cluster.add("a", 1)
         cluster.add("b", 1)
-        seen |= cluster.processes()
+        seen |= processes_of(host.pid)
         yield cluster
     finally:
-        seen |= cluster.processes()
+        seen |= processes_of(host.pid)
         try:
             cluster.ask("quit")
             host.wait(timeout=60)
         except Exception:
             pass
-        for pid in seen:  # whatever of ours is left
+        for pid in alive(seen):  # whatever of ours is left
             try:
                 psutil.Process(pid).kill()
             except psutil.Error:
@@ -123,9 +106,15 @@ def nodes() -> Iterator[Nodes]:
 
 @pytest.fixture(scope="module")
 def api(nodes: Nodes, hub, tmp_path_factory) -> Iterator[httpx.Client]:
-    """``rbee serve --address`` joined to the cluster; the head keeps its own cache."""
+    """``rbee serve --address`` joined to the cluster; the head keeps its own cache. Serve's
+    proxy runs on the head only: the nodes share this machine, and proxies on each would
+    share one port (SO_REUSEPORT), so a request could land on a node being removed."""
     folder = tmp_path_factory.mktemp("on-cluster")
-    config = {"hub": {"endpoint": hub.url}, "downloads": {"stall_s": 2.0}}
+    config = {
+        "hub": {"endpoint": hub.url},
+        "downloads": {"stall_s": 2.0},
+        "server": {"proxy_location": "HeadOnly"},
+    }
     with (
         serving(folder, nodes.caches / "head", args=("--address", nodes.address), **config) as on,
         httpx.Client(base_url=on.url, timeout=60) as client,
@@ -148,9 +137,7 @@ def _cached(nodes: Nodes, name: str, repo: str) -> bool:
 
 
 def _repo(hub, size: int) -> str:
-    repo = f"org/nodes-{uuid.uuid4().hex[:8]}"
-    hub.add_repo(repo, {"config.json": b"{}", "model.bin": os.urandom(size)})
-    return repo
+    return random_model(hub, size, "org/nodes")
 
 
 def test_every_node_has_a_hive_with_its_resources_and_cache(api, nodes):

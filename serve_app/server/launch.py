@@ -99,7 +99,10 @@ class Hive:
                     hive.dashboard_url = f"http://{context.dashboard_url}"
             if leftovers is not None:
                 leftovers.watch()
-            serve.start(http_options={"host": config.server.host, "port": config.server.port})
+            serve.start(
+                http_options={"host": config.server.host, "port": config.server.port},
+                proxy_location=config.server.proxy_location,
+            )
             serve.run(INGRESS.bind(config), name=APP_NAME, route_prefix="/")
             _wait_healthy(url, config)
             hive.preload()
