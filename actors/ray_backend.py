@@ -52,7 +52,7 @@ class RayBackend:
         self, record: JobRecord, op: Any, lease: Lease
     ) -> AsyncIterator[Event | list[StreamEvent]]:
         if isinstance(op, HiveList):
-            yield Result({"hives": await self._hive_list()})
+            yield Result({"hives": await self.hive_list()})
             return
         if isinstance(op, Infer):
             name = await self._worker_for(op)
@@ -203,7 +203,7 @@ class RayBackend:
         answers = await asyncio.gather(*(ask(h) for h in hive_ids))
         return dict(zip(hive_ids, answers, strict=True))
 
-    async def _hive_list(self) -> list[dict[str, Any]]:
+    async def hive_list(self) -> list[dict[str, Any]]:
         """Every alive node's hive, as its ``hive_status`` tells it (CPUs, GPUs and their
         memory, models, workers); a hive that does not answer is listed from Ray's view of
         its node, with ``"answered": false``."""

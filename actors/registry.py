@@ -111,6 +111,19 @@ class JobRegistry:
         )
         return events, state.value, lease
 
+    async def board(
+        self, after: int | None, limit: int, poll_s: float, epoch: str | None = None
+    ) -> dict[str, Any]:
+        """The jobs board after sequence ``after`` of ``epoch`` (``JobTable.changes``),
+        long-polled up to ``poll_s``: ``{"epoch", "seq", "reset", "jobs", "forgotten"}``."""
+        changes = await self._jobs.table.wait_changes(after, limit, poll_s, epoch)
+        return changes.to_dict()
+
+    async def hives(self) -> list[dict[str, Any]]:
+        """Every alive node's hive (``hive_list``'s result, without a job: the web page
+        asks every few seconds)."""
+        return await self._backend.hive_list()
+
     async def cancel(
         self,
         job_ids: list[str] | None,

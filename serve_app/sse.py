@@ -20,6 +20,11 @@ def event(item: StreamEvent) -> str:
     return f"id: {item.id}\nevent: {item.event.kind}\ndata: {data}\n\n"
 
 
+def frame(id: str, kind: str, data: Any) -> str:
+    """A frame of another stream than a job's (the jobs board): its own ids and kind."""
+    return f"id: {id}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
 def sentinel(state: str, error: dict[str, Any] | None) -> str:
     if state == "completed":
         return f"data: {DONE}\n\n"
@@ -37,6 +42,7 @@ class Frame:
     id: int | None
     kind: str | None  #: None for the closing sentinel
     data: str
+    raw_id: str | None = None  #: the ``id:`` as sent (the jobs board's are not numbers)
 
     def json(self) -> Any:
         return json.loads(self.data)
@@ -57,6 +63,7 @@ class Parser:
     def __init__(self) -> None:
         self.comments = 0  #: keep-alives and other comment lines seen
         self._id: int | None = None
+        self._raw_id: str | None = None
         self._kind: str | None = None
         self._data: list[str] = []
 
@@ -68,6 +75,7 @@ class Parser:
                 self.comments += 1
             elif name == "id":
                 self._id = int(value) if value.isdigit() else None
+                self._raw_id = value
             elif name == "event":
                 self._kind = value
             elif name == "data":
@@ -75,8 +83,8 @@ class Parser:
             return None
         if self._id is None and self._kind is None and not self._data:
             return None  # a blank line after a comment
-        frame = Frame(self._id, self._kind, "\n".join(self._data))
-        self._id, self._kind, self._data = None, None, []
+        frame = Frame(self._id, self._kind, "\n".join(self._data), self._raw_id)
+        self._id, self._raw_id, self._kind, self._data = None, None, None, []
         return frame
 
 

@@ -36,6 +36,10 @@ ROUTES = [
     ("GET", "/v1/jobs/{id}"),
     ("DELETE", "/v1/jobs/{id}"),
     ("GET", "/v1/jobs/{id}/stream"),
+    ("GET", "/v1/jobs/watch"),
+    ("GET", "/v1/hives"),
+    ("GET", "/"),
+    ("GET", "/ui/app.js"),
     ("POST", "/v1/jobs/{id}/cancel"),
     ("POST", "/cancel"),
     ("POST", "/v1/jobs/cancel"),
@@ -200,7 +204,7 @@ def send(
 ) -> httpx.Response:
     """One request; an event stream is closed as soon as its headers are in (a running job's
     stream stays open), anything else is read whole."""
-    timeout = httpx.Timeout(30.0, read=5.0) if path.endswith("/stream") else 30.0
+    timeout = httpx.Timeout(30.0, read=5.0) if path.endswith(("/stream", "/watch")) else 30.0
     with client.stream(
         method, path, content=content, headers=headers, params=params, timeout=timeout
     ) as response:
@@ -312,17 +316,19 @@ def test_headers(api, finished_job, method, path, headers):
     given_cid = headers.get("X-Correlation-Id", "")
     echoed = response.headers["x-correlation-id"]
     assert echoed == given_cid if _CID_OK.fullmatch(given_cid) else echoed.startswith("cid-")
-    if path.endswith("/stream") and "Last-Event-ID" in headers:
+    if path.endswith(("/stream", "/watch")) and "Last-Event-ID" in headers:
         given_id = headers["Last-Event-ID"]
-        ok = given_id == "" or re.fullmatch(r"[0-9]{1,18}", given_id) is not None
+        form = r"[0-9]{1,18}" if path.endswith("/stream") else r"[0-9a-f]{1,32}\.[0-9]{1,18}"
+        ok = given_id == "" or re.fullmatch(form, given_id) is not None
         assert response.status_code == (200 if ok else 422), given_id
 
 
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/jobs/watch"])
 @FUZZ
 @given(query=_queries)
-def test_list_query(api, query):
-    response = send(api, "GET", "/v1/jobs", params=query)
-    check(response, "/v1/jobs")
+def test_list_query(api, path, query):
+    response = send(api, "GET", path, params=query)
+    check(response, path)
     assert response.status_code in (200, 422)
 
 

@@ -149,3 +149,74 @@ async def test_the_oldest_finished_jobs_are_forgotten_past_the_cap():
 )
 def test_error_class_of_a_wire_code(code, cls):
     assert errors.error_class(code) is cls
+
+
+# -- the jobs board (``GET /v1/jobs/watch``) ------------------------------------------------
+
+
+async def test_the_board_starts_whole_then_gives_each_changed_job_once():
+    table = JobTable()
+    a = table.create("model_download", {"model": "org/a", "hive_id": "h1"}, "c")
+    b = table.create("infer", {"model": "org/b", "max_tokens": 8}, "c")
+    whole = table.changes(None, limit=10)
+    assert whole.reset and [r["job_id"] for r in whole.rows] == [b.job_id, a.job_id]
+    assert whole.rows[1]["model"] == "org/a" and whole.rows[1]["hive_id"] == "h1"
+    assert whole.rows[0]["max_tokens"] == 8 and "result" not in whole.rows[0]
+
+    await table.transition(a.job_id, JobState.RUNNING)
+    await table.emit(a.job_id, Progress(1, 4, 1.0, 3.0, "f"))
+    await table.emit(a.job_id, Progress(2, 4, 1.0, 2.0, "f"))
+    await table.transition(b.job_id, JobState.RUNNING)
+    await table.emit(b.job_id, Token("x", 3))
+    table.cancel_requested(b.job_id)
+    await table.emit(b.job_id, Narration("w", "step", "a line"))  # not on the board
+    since = table.changes(whole.seq, limit=10)
+    assert not since.reset and since.seq > whole.seq
+    assert [r["job_id"] for r in since.rows] == [a.job_id, b.job_id]  # each once, oldest change first
+    assert since.rows[0]["progress"]["bytes_done"] == 2 and since.rows[0]["state"] == "running"
+    assert since.rows[1]["tokens"] == 3 and since.rows[1]["cancel_requested"] is True
+    assert table.changes(since.seq, limit=10).rows == []
+
+
+async def test_a_board_watcher_waits_for_a_change_and_a_lost_one_starts_over():
+    table = JobTable()
+    job = table.create("hive_list", {}, "c")
+    seq = table.changes(None, limit=10).seq
+    started = asyncio.get_running_loop().time()
+    assert (await table.wait_changes(seq, limit=10, poll_s=0.05)).rows == []
+    assert asyncio.get_running_loop().time() - started >= 0.04
+
+    waiting = asyncio.create_task(table.wait_changes(seq, limit=10, poll_s=5))
+    await asyncio.sleep(0.01)
+    await table.transition(job.job_id, JobState.CANCELLED)
+    changed = await asyncio.wait_for(waiting, 1)
+    assert [r["state"] for r in changed.rows] == ["cancelled"]
+    # An id from before a restart (ahead of this table) is answered with the whole board.
+    assert table.changes(changed.seq + 100, limit=10).reset
+
+
+async def test_the_board_tells_of_forgotten_jobs():
+    table = JobTable(retain=1)
+    first = table.create("hive_list", {}, "c")
+    await table.transition(first.job_id, JobState.CANCELLED)
+    seq = table.changes(None, limit=10).seq
+    second = table.create("hive_list", {}, "c")
+    since = table.changes(seq, limit=10)
+    assert since.forgotten == [first.job_id]
+    assert [r["job_id"] for r in since.rows] == [second.job_id]
+
+
+def test_a_board_position_of_another_table_gets_the_whole_board():
+    table, other = JobTable(), JobTable()
+    table.create("hive_list", {}, "c")
+    seq = table.changes(None, limit=10).seq
+    assert not table.changes(seq, limit=10, epoch=table.epoch).reset
+    assert table.changes(seq, limit=10, epoch=other.epoch).reset
+
+
+async def test_an_empty_board_is_waited_on_not_sent_again():
+    table = JobTable()
+    first = table.changes(None, limit=10)
+    assert first.reset and first.rows == [] and first.seq == 0
+    again = await table.wait_changes(first.seq, limit=10, poll_s=0.01, epoch=first.epoch)
+    assert not again.reset

@@ -97,7 +97,7 @@ class Jobs:
     async def _cancel(self, record: JobRecord, correlation_id: str | None) -> bool:
         cid = correlation_id or record.correlation_id
         accepted, accepted_at = time.monotonic(), time.time()
-        record.cancel_requested = True
+        self.table.cancel_requested(record.job_id)
         was = record.state
         await self.table.emit(
             record.job_id,

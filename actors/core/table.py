@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from actors.core.events import Error, Event, Progress, Result, StreamEvent, payload
+from actors.core.events import Error, Event, Progress, Result, StreamEvent, Token, payload
 
 
 class JobState(StrEnum):
@@ -47,6 +47,10 @@ class IllegalTransition(Exception):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (IllegalTransition, (self.job_id, self.old, self.new))
+
+
+_FORGOTTEN_KEPT = 10_000
+"""How many forgotten jobs the board remembers: a watcher further behind gets the whole board."""
 
 
 def new_job_id() -> str:
@@ -95,6 +99,25 @@ class JobRecord:
             "correlation_id": self.correlation_id,
         }
 
+    def row(self, tokens: int = 0) -> dict[str, Any]:
+        """The job as a line of the jobs board (``GET /v1/jobs/watch``): the record without
+        its result, with what a list shows of the request, and ``tokens`` made so far."""
+        row = self.to_dict()
+        del row["result"]
+        max_tokens = self.request.get("max_tokens")
+        return {
+            **row,
+            "model": _text(self.request.get("model")),
+            "hive_id": _text(self.request.get("hive_id")),
+            "tokens": tokens,
+            "max_tokens": max_tokens if type(max_tokens) is int else None,
+            "cancel_requested": self.cancel_requested,
+        }
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
 
 class EventLog:
     """A bounded buffer of one job's events with sequence ids starting at 1.
@@ -133,6 +156,27 @@ class _Entry:
     changed: asyncio.Condition
     lease: Lease | None = None
     deferred: list[Event] = field(default_factory=list)  #: the registry's, during a lease
+    tokens: int = 0  #: the most tokens a choice has made so far
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What changed on the jobs board after a watcher's ``seq`` (``JobTable.changes``)."""
+
+    epoch: str  #: this table's: a sequence number of another (before a restart) means nothing
+    seq: int  #: the board's sequence now: the watcher's next ``after``
+    reset: bool  #: ``rows`` is the whole board (newest first), not only what changed
+    rows: list[dict[str, Any]]
+    forgotten: list[str]  #: jobs dropped by retention since ``after``
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "seq": self.seq,
+            "reset": self.reset,
+            "jobs": self.rows,
+            "forgotten": self.forgotten,
+        }
 
 
 class JobTable:
@@ -149,6 +193,14 @@ class JobTable:
         self._max_events = max_events
         self._retain = retain  #: finished jobs kept; the oldest go first
         self._clock = clock
+        # The jobs board: each change of a record (its state, progress, error, tokens, a
+        # cancel asked) takes the next sequence number, so a watcher asks for what changed
+        # after the last number it saw and gets each changed job once.
+        self.epoch = uuid.uuid4().hex[:12]
+        self._seq = 0
+        self._changed: OrderedDict[str, int] = OrderedDict()  #: job -> its last change, oldest first
+        self._forgotten: deque[tuple[int, str]] = deque(maxlen=_FORGOTTEN_KEPT)
+        self._tick = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -166,6 +218,7 @@ class JobTable:
         )
         self._jobs[record.job_id] = _Entry(record, EventLog(self._max_events), asyncio.Condition())
         self._forget_oldest()
+        self._touch(record.job_id)
         return record
 
     def _forget_oldest(self) -> None:
@@ -175,6 +228,9 @@ class JobTable:
         old = [i for i, e in self._jobs.items() if e.record.state.terminal][:excess]
         for job_id in old:
             del self._jobs[job_id]
+            self._changed.pop(job_id, None)
+            self._seq += 1
+            self._forgotten.append((self._seq, job_id))
 
     def restore(self, saved: dict[str, Any], events: list[StreamEvent]) -> JobRecord:
         """Put back a job remembered on disk (see ``actors.core.store``)."""
@@ -195,6 +251,7 @@ class JobTable:
         for event in events[-self._max_events :]:
             log.restore(event)
         self._jobs[record.job_id] = _Entry(record, log, asyncio.Condition())
+        self._touch(record.job_id)
         return record
 
     def events(self, job_id: str) -> list[StreamEvent]:
@@ -272,8 +329,8 @@ class JobTable:
                 self._note(entry, entry.log.append(event))
         await self._notify(entry)
 
-    @staticmethod
-    def _note(entry: _Entry, logged: StreamEvent) -> None:
+    def _note(self, entry: _Entry, logged: StreamEvent) -> None:
+        """What an event changes in the job's record (and on the board)."""
         event = logged.event
         if isinstance(event, Progress):
             entry.record.progress = payload(event)
@@ -281,6 +338,65 @@ class JobTable:
             entry.record.error = payload(event)
         elif isinstance(event, Result):
             entry.record.result = payload(event)
+        elif isinstance(event, Token) and event.index > entry.tokens:
+            entry.tokens = event.index
+        else:
+            return
+        self._touch(entry.record.job_id)
+
+    def cancel_requested(self, job_id: str) -> None:
+        """Mark the job as being cancelled (its record, and the board)."""
+        self._jobs[job_id].record.cancel_requested = True
+        self._touch(job_id)
+
+    def _touch(self, job_id: str) -> None:
+        self._seq += 1
+        self._changed[job_id] = self._seq
+        self._changed.move_to_end(job_id)
+        tick, self._tick = self._tick, asyncio.Event()
+        tick.set()
+
+    def changes(self, after: int | None, limit: int, epoch: str | None = None) -> Changes:
+        """The board after sequence ``after`` of ``epoch`` (None: this table's): the rows of
+        the jobs that changed since, and the jobs forgotten since; or the whole board
+        (``limit`` newest) when ``after`` is None (a new watcher) or cannot be answered
+        (another table's, or older than what is remembered of forgotten jobs)."""
+        forgotten_since = self._forgotten[0][0] if len(self._forgotten) == _FORGOTTEN_KEPT else 0
+        if (
+            after is None
+            or after > self._seq
+            or after < forgotten_since
+            or epoch not in (None, self.epoch)
+        ):
+            rows = [self.row(r.job_id) for r in self.recent(limit=limit)]
+            return Changes(self.epoch, self._seq, True, rows, [])
+        changed = []
+        for job_id, seq in reversed(self._changed.items()):
+            if seq <= after:
+                break
+            changed.append(job_id)
+        forgotten = []
+        for seq, job_id in reversed(self._forgotten):
+            if seq <= after:
+                break
+            forgotten.append(job_id)
+        rows = [self.row(j) for j in reversed(changed)]
+        return Changes(self.epoch, self._seq, False, rows, forgotten)
+
+    async def wait_changes(
+        self, after: int | None, limit: int, poll_s: float, epoch: str | None = None
+    ) -> Changes:
+        """``changes``; a long poll: waits up to ``poll_s`` while nothing has changed."""
+        if after == self._seq and epoch in (None, self.epoch):
+            try:
+                await asyncio.wait_for(self._tick.wait(), poll_s)
+            except TimeoutError:
+                pass
+        return self.changes(after, limit, epoch)
+
+    def row(self, job_id: str) -> dict[str, Any]:
+        entry = self._jobs[job_id]
+        return entry.record.row(entry.tokens)
 
     async def transition(self, job_id: str, new: JobState) -> JobRecord:
         entry = self._jobs[job_id]
@@ -293,6 +409,7 @@ class JobTable:
             record.started_at = now
         if new.terminal:
             record.finished_at = now
+        self._touch(job_id)
         await self._notify(entry)
         return record
 

@@ -13,7 +13,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.config import Config
@@ -21,6 +21,7 @@ from actors.core.errors import InvalidRequest, RbeeError, Unauthorized
 from actors.core.table import JobState
 from actors.operations import OPERATION_NAMES, check_id
 from serve_app import sse
+from serve_app.server.board import Board, Position
 from serve_app.server.errors import EXCEPTION_HANDLERS, error_body
 from serve_app.server.jobstream import (
     End,
@@ -35,6 +36,7 @@ from serve_app.server.jobstream import (
     remote,
 )
 from serve_app.server.openai import OpenAi
+from serve_app.server.page import page_routes
 
 log = logging.getLogger("rbee.http")
 
@@ -57,22 +59,26 @@ class Api:
         self.config = config
         self.registry = registry
         self.jobs = JobStream(config, registry)
+        self.board = Board(config, registry)
         token = config.server.api_token
         self._token = token.get_secret_value().encode() if token else None
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[BaseRoute]:
         guard = self._guard
         return [
             Route("/health", self.health, methods=["GET"]),
             Route("/v1/jobs", guard(self.submit), methods=["POST"]),
             Route("/v1/jobs/cancel", guard(self.cancel_many), methods=["POST"]),
             Route("/v1/jobs", guard(self.list_jobs), methods=["GET"]),
+            Route("/v1/jobs/watch", guard(self.watch), methods=["GET"]),
+            Route("/v1/hives", guard(self.hives), methods=["GET"]),
             Route("/v1/jobs/{job_id}", guard(self.get_job), methods=["GET"]),
             Route("/v1/jobs/{job_id}", guard(self.delete_job), methods=["DELETE"]),
             Route("/v1/jobs/{job_id}/stream", guard(self.stream), methods=["GET"]),
             Route("/v1/jobs/{job_id}/cancel", guard(self.cancel_job), methods=["POST"]),
             Route("/cancel", guard(self.cancel_body), methods=["POST"]),
             *OpenAi(self.jobs).routes(guard),
+            *page_routes(),  # the page holds no data: what it shows comes through the API
         ]
 
     def _guard(self, handler: Handler) -> Handler:
@@ -115,6 +121,22 @@ class Api:
         check_listing(state, operation, limit)
         jobs = await read(lambda: self.registry.jobs.remote(state, operation, limit))
         return JSONResponse({"jobs": jobs})
+
+    async def watch(self, request: Request) -> Response:
+        """The jobs board, live (``serve_app.server.board``): an ``event: jobs`` frame with
+        the whole board, then one with the rows that changed, as they change."""
+        limit = _count(_query(request, "limit") or "500", "limit")
+        check_listing(None, None, limit)
+        raw = request.headers.get("last-event-id") or _query(request, "last_event_id")
+        return _event_stream(self._board_frames(Position.parse(raw), limit))
+
+    async def _board_frames(self, start: Position, limit: int) -> AsyncIterator[str]:
+        async for news in self.board.follow(start, limit):
+            yield sse.KEEPALIVE if news is None else sse.frame(str(news[0]), "jobs", news[1])
+
+    async def hives(self, request: Request) -> Response:
+        """Every alive node's hive: what ``hive_list`` gives, without making a job of it."""
+        return JSONResponse({"hives": await remote(self.registry.hives.remote())})
 
     async def get_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -177,15 +199,19 @@ class Api:
         job_id = request.path_params["job_id"]
         after = _last_event_id(request)
         await read(lambda: self.registry.job.remote(job_id))
-        return StreamingResponse(
-            self._events(job_id, after),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _event_stream(self._events(job_id, after))
 
     async def _events(self, job_id: str, after: int) -> AsyncIterator[str]:
         async for batch in self.jobs.follow(job_id, after):
             yield "".join(_wire(item) for item in batch)
+
+
+def _event_stream(frames: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        frames,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 def _wire(item: Item) -> str:
