@@ -16,7 +16,7 @@ from starlette.testclient import TestClient
 from actors.config import Config
 from serve_app import sse
 from serve_app.server.app import build_app
-from tests.helpers import random_model, submit
+from tests.helpers import random_model, submit, wait_state
 
 pytestmark = pytest.mark.ray
 
@@ -193,3 +193,25 @@ def test_the_page_needs_no_token_and_the_board_does(hive):
             assert refused.json()["error"]["code"] == "UNAUTHORIZED"
         hives = client.get("/v1/hives", headers={"Authorization": "Bearer s3cret"})
         assert hives.status_code == 200 and hives.json()["hives"]
+
+
+def test_a_board_watcher_rides_through_a_registry_restart(api):
+    """The registry dies and Ray starts it again: the open stream goes on, with the whole
+    board again (of the new registry's epoch), the finished jobs still on it."""
+    import ray
+
+    from actors.naming import NAMESPACE, REGISTRY
+
+    job_id = submit(api, {"operation": "hive_status"})
+    wait_state(api, job_id, "completed")
+    killed: list[str] = []
+
+    def until(frames: list[dict[str, Any]]) -> bool:
+        if not killed:
+            killed.append(frames[-1]["id"].split(".")[0])
+            ray.kill(ray.get_actor(REGISTRY, namespace=NAMESPACE), no_restart=False)
+            return False
+        return bool(frames[-1]["reset"]) and frames[-1]["id"].split(".")[0] != killed[0]
+
+    frames = watch(api, until, deadline_s=90)
+    assert job_id in {row["job_id"] for row in frames[-1]["jobs"]}
