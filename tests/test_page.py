@@ -85,7 +85,7 @@ def watched(browser: Browser) -> Iterator[Watched]:
 def page(watched: Watched, hive) -> Iterator[Page]:
     """The session server's page, loaded, its jobs feed up; no script error by the end."""
     watched.page.goto(hive.url)
-    expect(watched.page.locator("#count")).to_contain_text("jobs")
+    expect(watched.page.locator("#count")).to_contain_text(re.compile(r"\d+ jobs? · \d+ shown"))
     yield watched.page
     assert watched.errors == []
 
@@ -196,15 +196,11 @@ def test_an_infer_started_on_the_page_shows_its_tokens_as_they_come(
     expect(page.locator(f'#infer-model option[value="{tiny_model}"]')).to_have_count(1, timeout=15_000)
     page.select_option("#infer-model", tiny_model)
     page.fill("#infer-prompt", "Tell me a long story about the sea and the ships on it")
-    page.fill("#infer-max-tokens", "3000")
+    page.fill("#infer-max-tokens", "64")
     page.click("#infer-form button[type=submit]")
-    panel = page.locator("#panel")
-    expect(panel).to_be_visible(timeout=5_000)
+    expect(page.locator("#panel")).to_be_visible(timeout=5_000)
     tokens = page.locator("#panel-tokens")
-    # Tokens show while the job runs, and keep coming: the text grows under our eyes.
     expect(tokens).not_to_be_empty(timeout=30_000)
-    lengths = [len(tokens.text_content() or "")]
-    wait_for(lambda: lengths.append(len(tokens.text_content() or "")) or lengths[-1] > lengths[0], 10)
     job_id = str(page.locator("#jobs tr.selected").get_attribute("data-job-id"))
     shot(page, "infer-running")
     expect(page.locator("#panel-end")).to_have_text("completed", timeout=60_000)
@@ -215,6 +211,38 @@ def test_an_infer_started_on_the_page_shows_its_tokens_as_they_come(
     events = api.get(f"/v1/jobs/{job_id}/stream", timeout=30).text
     assert tokens.text_content() == "".join(e["text"] for e in _token_events(events))
     assert row(page, job_id).locator("button.cancel").count() == 0
+
+
+def test_a_long_generation_streams_into_the_panel_and_its_cancel_stops_it(
+    page: Page, api: httpx.Client, worker, tiny_model: str
+):
+    page.evaluate(WATCH_TOKENS)
+    op = {"operation": "infer", "model": tiny_model, "prompt": "Once upon a time in a hive",
+          "max_tokens": 30_000, "ignore_eos": True}  # fmt: skip
+    job_id = submit(api, op)
+    row(page, job_id).click()
+    expect(page.locator("#panel-state")).to_have_text("running", timeout=30_000)
+    # The text grows step by step while the job runs, and the row counts its tokens.
+    wait_for(lambda: len(set(page.evaluate("window.__tokenLengths"))) >= 10, timeout=30)
+    expect(row(page, job_id).locator(".progress-text")).to_contain_text(re.compile(r"[1-9]\d* tokens"))
+    page.click("#panel-cancel")
+    expect(page.locator("#panel-end")).to_have_text("cancelled", timeout=5_000)
+    expect(row(page, job_id)).to_have_attribute("data-state", "cancelled")
+    grown = page.evaluate("window.__tokenLengths")
+    assert grown == sorted(grown)
+    page.wait_for_timeout(500)
+    assert page.evaluate("window.__tokenLengths")[-1] == grown[-1]  # nothing after the end
+    record = job(api, job_id)
+    assert record["state"] == "cancelled"
+    assert record["error"]["code"] == "CANCELLED"
+
+
+WATCH_TOKENS = """() => {
+  window.__tokenLengths = [];
+  const out = document.getElementById("panel-tokens");
+  new MutationObserver(() => window.__tokenLengths.push(out.textContent.length))
+    .observe(out, {childList: true, characterData: true, subtree: true});
+}"""
 
 
 def _token_events(body: str) -> list[dict[str, Any]]:
@@ -251,6 +279,8 @@ def test_jobs_in_every_state_with_screenshots(page: Page, api: httpx.Client, slo
         assert row(page, failed).get_attribute("title").startswith("MODEL_NOT_FOUND")
         expect(row(page, queued).locator("button.cancel")).to_have_count(1)
         expect(row(page, completed).locator("button.cancel")).to_have_count(0)
+        for job_id in running:  # a rate once a second of bytes has been measured
+            expect(row(page, job_id).locator(".progress-text")).to_contain_text("/s")
         row(page, running[0]).click()
         expect(page.locator("#panel-narration li").first).to_be_visible(timeout=5_000)
         shot(page, "jobs")
@@ -318,7 +348,7 @@ def test_the_token_prompt_and_the_banner_when_the_server_is_gone(watched: Watche
         page.fill("#token-input", "s3cret-page")
         page.click("#token-submit")
         expect(dialog).to_be_hidden(timeout=10_000)
-        expect(page.locator("#count")).to_contain_text("jobs", timeout=10_000)
+        expect(page.locator("#count")).to_contain_text(re.compile(r"\d+ jobs? · \d+ shown"), timeout=10_000)
         expect(page.locator("#hives .hive")).to_have_count(1, timeout=15_000)
         # Kept for the tab: a reload asks for nothing; the token never lands on disk.
         page.reload()
