@@ -100,8 +100,8 @@ def bench(run: Run) -> dict[str, Any]:
     page.add_init_script(PROBE)
     started = time.monotonic()
     page.goto(hive.url)
-    page.wait_for_function(f"window.rbeePage && window.rbeePage.rendered() >= {n_jobs}",
-                           timeout=60_000, polling="raf")
+    page.wait_for_function("n => window.rbeePage && window.rbeePage.rendered() >= n",
+                           arg=n_jobs, timeout=60_000, polling="raf")
     load_ms = (time.monotonic() - started) * 1000
     log.print(f"  every row on screen in {load_ms:.0f} ms")
 
