@@ -31,6 +31,7 @@ class JobRegistry:
         self._config = config
         self._metrics = _Metrics()
         self._background: set[asyncio.Task[None]] = set()
+        self._hives: asyncio.Future[list[dict[str, Any]]] | None = None
         self._store = JobStore(config.state_dir, keep=config.retain_jobs)
         table = JobTable(max_events=config.max_events_per_job, retain=config.retain_jobs)
         for saved, events in self._store.load():
@@ -120,9 +121,11 @@ class JobRegistry:
         return changes.to_dict()
 
     async def hives(self) -> list[dict[str, Any]]:
-        """Every alive node's hive (``hive_list``'s result, without a job: the web page
-        asks every few seconds)."""
-        return await self._backend.hive_list()
+        """Every alive node's hive (``hive_list``'s result, without a job: each open web
+        page asks every few seconds, so the asks in flight at once share one round)."""
+        if self._hives is None or self._hives.done():
+            self._hives = asyncio.ensure_future(self._backend.hive_list())
+        return await asyncio.shield(self._hives)
 
     async def cancel(
         self,

@@ -414,3 +414,16 @@ def test_the_page_stays_smooth_with_500_jobs(watched: Watched, hive, api: httpx.
     assert loaded < 10 and switching < 5
     assert max(long_tasks, default=0) < 1_000, long_tasks
     assert watched.errors == []
+
+
+def test_a_hostile_file_name_from_the_hub_shows_as_text(page: Page, api: httpx.Client, hub):
+    """What a hub sends is untrusted: a file named like markup is shown as its name."""
+    name = '<img src=x onerror="window.pwned=1">.json'
+    repo = random_model(hub, 1024, "org/markup")
+    hub.add_repo(repo, {"config.json": b"{}", name: b"{}"})
+    job_id = submit(api, {"operation": "model_download", "model": repo})
+    row(page, job_id).click()
+    expect(page.locator("#panel-end")).to_have_text(re.compile("completed|failed"), timeout=20_000)
+    expect(page.locator("#panel")).to_contain_text("<img src=x")
+    assert page.locator("#panel img, #jobs img").count() == 0
+    assert page.evaluate("window.pwned") is None

@@ -296,7 +296,8 @@ class JobTable:
         if entry.lease is not None:
             entry.deferred.append(event)
             return
-        self._note(entry, entry.log.append(event))
+        if self._note(entry, entry.log.append(event)):
+            self._touch(job_id)
         await self._notify(entry)
 
     async def record_events(self, job_id: str, events: list[StreamEvent]) -> None:
@@ -304,10 +305,13 @@ class JobTable:
         entry = self._jobs[job_id]
         if entry.record.state.terminal:
             return
+        changed = False
         for logged in events:
             if logged.id > entry.log.last_seq:
                 entry.log.restore(logged)
-                self._note(entry, logged)
+                changed = self._note(entry, logged) or changed
+        if changed:  # once for the whole list (a worker sends many tokens in one)
+            self._touch(job_id)
         await self._notify(entry)
 
     async def lease(self, job_id: str, actor: str) -> int:
@@ -325,12 +329,13 @@ class JobTable:
         entry.lease = None
         deferred, entry.deferred = entry.deferred, []
         for event in deferred:
-            if not entry.record.state.terminal:
-                self._note(entry, entry.log.append(event))
+            if not entry.record.state.terminal and self._note(entry, entry.log.append(event)):
+                self._touch(job_id)
         await self._notify(entry)
 
-    def _note(self, entry: _Entry, logged: StreamEvent) -> None:
-        """What an event changes in the job's record (and on the board)."""
+    @staticmethod
+    def _note(entry: _Entry, logged: StreamEvent) -> bool:
+        """What an event changes in the job's record; whether the board shows a change."""
         event = logged.event
         if isinstance(event, Progress):
             entry.record.progress = payload(event)
@@ -341,8 +346,8 @@ class JobTable:
         elif isinstance(event, Token) and event.index > entry.tokens:
             entry.tokens = event.index
         else:
-            return
-        self._touch(entry.record.job_id)
+            return False
+        return True
 
     def cancel_requested(self, job_id: str) -> None:
         """Mark the job as being cancelled (its record, and the board)."""
