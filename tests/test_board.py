@@ -16,6 +16,7 @@ from starlette.testclient import TestClient
 from actors.config import Config
 from serve_app import sse
 from serve_app.server.app import build_app
+from serve_app.server.page import WEB
 from tests.helpers import random_model, submit, wait_state
 
 pytestmark = pytest.mark.ray
@@ -171,6 +172,12 @@ def test_the_page_and_its_files(api):
     assert script.status_code == 200
     assert "javascript" in script.headers["content-type"]
     assert api.head("/").status_code == 200
+    worker = api.get("/sw.js")
+    assert worker.status_code == 200 and "javascript" in worker.headers["content-type"]
+    # The service worker keeps every file of the page, and only those.
+    kept = set(re.findall(r'"(/ui/[^"]+)"', worker.text))
+    files = {f"/ui/{p.name}" for p in WEB.iterdir() if p.name not in ("index.html", "sw.js")}
+    assert kept == files and '"/"' in worker.text
     for missing in ("/ui/nope.js", "/ui/../actors/config.py", "/ui/%2e%2e/actors/config.py"):
         response = api.get(missing)
         assert response.status_code == 404, missing

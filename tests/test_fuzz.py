@@ -40,6 +40,7 @@ ROUTES = [
     ("GET", "/v1/hives"),
     ("GET", "/"),
     ("GET", "/ui/app.js"),
+    ("GET", "/sw.js"),
     ("POST", "/v1/jobs/{id}/cancel"),
     ("POST", "/cancel"),
     ("POST", "/v1/jobs/cancel"),

@@ -362,6 +362,7 @@ def test_the_token_prompt_and_the_banner_when_the_server_is_gone(watched: Watche
         )
         expect(row(page, job_id)).to_have_attribute("data-state", "completed", timeout=15_000)
         expect(page.locator("#banner")).to_be_hidden()
+        assert page.evaluate("navigator.serviceWorker.ready.then(() => true)")
 
         os.killpg(served.process.pid, signal.SIGTERM)  # its supervisor stops it
         served.process.wait(timeout=30)
@@ -370,6 +371,12 @@ def test_the_token_prompt_and_the_banner_when_the_server_is_gone(watched: Watche
         expect(banner).to_contain_text("Cannot reach the rbee server")
         expect(row(page, job_id)).to_be_visible()  # what was there stays, never a blank page
         shot(page, "offline")
+        # A reload with the server gone: the page still comes (its own files are kept), and
+        # says the server cannot be reached.
+        page.reload()
+        expect(banner).to_be_visible(timeout=10_000)
+        expect(banner).to_contain_text("Cannot reach the rbee server")
+        expect(page.locator("#download-form")).to_be_visible()
     # The failed requests of a stopped server are expected here (Chromium logs each).
     watched.errors = [e for e in watched.errors if not e.startswith("console:")]
     assert watched.errors == []

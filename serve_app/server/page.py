@@ -33,6 +33,11 @@ async def index(request: Request) -> Response:
     return FileResponse(WEB / "index.html", headers=HEADERS)
 
 
+async def service_worker(request: Request) -> Response:
+    """Served from the root: a service worker looks after the paths under its own."""
+    return FileResponse(WEB / "sw.js", headers=HEADERS)
+
+
 class _Files(StaticFiles):
     """The page's files, with the page's headers (always checked for changes: the page and
     the server it talks to must be of one version)."""
@@ -46,5 +51,6 @@ class _Files(StaticFiles):
 def page_routes() -> list[BaseRoute]:
     return [
         Route("/", index, methods=["GET", "HEAD"]),
+        Route("/sw.js", service_worker, methods=["GET", "HEAD"]),
         Mount("/ui", app=_Files(directory=WEB), name="ui"),
     ]

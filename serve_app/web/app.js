@@ -61,3 +61,5 @@ window.rbeePage = Object.freeze({
 wire();
 refreshView();
 restartAll();
+// A reload while the server is down still shows the page (and its banner): see sw.js.
+navigator.serviceWorker?.register("/sw.js").catch(() => {});
