@@ -13,10 +13,12 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+import yaml
 
 from actors.naming import hive_id_of
 from tests.conftest import free_port
@@ -219,38 +222,104 @@ def test_a_node_that_leaves_fails_its_job_cleanly_and_leaves_hive_list(api, node
     assert running == []
 
 
-# -- `ray start --head`, then `rbee serve --address auto` -------------------------------------
+# -- `ray start --head`, then `rbee serve --address auto` or `serve deploy` ------------------
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def ray_started(cwd: Path, env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
+    """``ray start --head`` in ``cwd`` (with ``env`` added), dashboard on a free port; the
+    environment that finds it (``RAY_TMPDIR``: ``auto``; ``RAY_DASHBOARD``: its address).
+    Everything it started is ended afterwards, and nothing else."""
+    ray_dir = tempfile.mkdtemp(prefix="rbee-ray-", dir="/tmp")  # short: Ray's socket paths
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("RBEE_", "RAY_"))}
+    found = {"RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": ray_dir}
+    dashboard = free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = [ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=2"]
+    head += [f"--dashboard-port={dashboard}", "--disable-usage-stats"]
+    # In a session of its own: every process it leaves running (Ray's daemons, their agents
+    # and workers) is found by that session and ended, and nothing else.
+    starter = subprocess.Popen(
+        head, env={**clean, **found, **(env or {})}, cwd=cwd, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _, err = starter.communicate(timeout=180)
+        assert starter.returncode == 0, err[-2000:]
+        yield {**clean, **found, "RAY_DASHBOARD": f"http://127.0.0.1:{dashboard}"}
+    finally:
+        for pid in alive(processes_of(starter.pid)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_rbee_serve_joins_a_ray_started_with_ray_start(tmp_path, hub):
-    ray_dir = tempfile.mkdtemp(prefix="rbee-ray-", dir="/tmp")  # short: Ray's socket paths
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("RBEE_", "RAY_"))},
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_TMPDIR": ray_dir,  # where `ray start` notes its address, and `auto` finds it
-    }
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    head = [ray_cli, "start", "--head", f"--port={free_port()}", "--num-cpus=2"]
-    head += ["--include-dashboard=false", "--disable-usage-stats"]
-    try:
-        started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
-        assert started.returncode == 0, started.stderr[-2000:]
+    with ray_started(tmp_path) as ray_env:
         repo = _repo(hub, MiB)
         config = {"hub": {"endpoint": hub.url}}
         with (
-            serving(tmp_path, args=("--address", "auto"), env={"RAY_TMPDIR": ray_dir}, **config)
-            as on,
+            serving(
+                tmp_path, args=("--address", "auto"), env={"RAY_TMPDIR": ray_env["RAY_TMPDIR"]},
+                **config,
+            ) as on,
             httpx.Client(base_url=on.url, timeout=60) as api,
-        ):
+        ):  # fmt: skip
             (hive,) = _hives(api).values()
             assert hive["answered"] and hive["cache_dir"] == str(tmp_path / "cache")
             assert _run(api, {"operation": "model_download", "model": repo})["model"] == repo
             assert "Connecting to existing Ray cluster" in on.output()
-    finally:
-        for proc in psutil.process_iter(["cmdline"]):  # only the Ray this test started
-            if any(ray_dir in part for part in proc.info["cmdline"] or ()):
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
-        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+def test_serve_deploy_of_configs_serve_yaml_on_a_ray_started_elsewhere(tmp_path, hub):
+    """The documented ``serve deploy configs/serve.yaml``, to a Ray started in another
+    folder: rbee's config (``args.config: configs/rbee.yaml``) is found in its checkout, and
+    the RBEE_* env vars given to ``ray start`` apply."""
+    started_in = tmp_path / "elsewhere"
+    started_in.mkdir()
+    port = free_port()
+    serve_yaml = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
+    assert serve_yaml["applications"][0]["args"]["config"] == "configs/rbee.yaml"
+    serve_yaml["http_options"]["port"] = port
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_yaml))
+    rbee_env = {
+        "RBEE_HUB_ENDPOINT": hub.url,
+        "RBEE_CACHE_DIR": str(tmp_path / "cache"),
+        "RBEE_STATE_DIR": str(tmp_path / "state"),
+    }
+    with ray_started(started_in, rbee_env) as ray_env:
+        serve_cli = str(Path(sys.executable).with_name("serve"))
+        deploy = [serve_cli, "deploy", str(tmp_path / "serve.yaml"), "-a", ray_env["RAY_DASHBOARD"]]
+        deployed = subprocess.run(
+            deploy, env=ray_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert deployed.returncode == 0, deployed.stderr[-2000:]
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout=120, interval=1)
+        with httpx.Client(base_url=url, timeout=60) as api:
+            repo = _repo(hub, MiB)
+            assert _run(api, {"operation": "model_download", "model": repo})["model"] == repo
+            assert (tmp_path / "cache" / f"models--{repo.replace('/', '--')}").is_dir()
+
+
+def test_a_config_file_is_found_where_ray_started_then_in_the_checkout(tmp_path):
+    from serve_app.server.deployment import config_file
+
+    assert config_file("configs/rbee.yaml", tmp_path) == REPO_ROOT / "configs" / "rbee.yaml"
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "rbee.yaml").write_text("{}")
+    assert config_file("configs/rbee.yaml", tmp_path) == tmp_path / "configs" / "rbee.yaml"
+    assert config_file(str(tmp_path / "x.yaml"), REPO_ROOT) == tmp_path / "x.yaml"
+    with pytest.raises(FileNotFoundError, match="absolute path"):
+        config_file("configs/nope.yaml", tmp_path)

@@ -20,6 +20,7 @@ them), exactly as the HTTP client raises them.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from ray import serve
@@ -41,6 +42,8 @@ from serve_app.server.jobstream import (
 )
 
 APP_NAME = "rbee"
+SOURCE_TREE = Path(__file__).resolve().parents[2]
+"""The folder holding ``serve_app/`` (a checkout, for a source or editable install)."""
 
 
 class Ingress:
@@ -111,5 +114,26 @@ INGRESS = serve.deployment(
 
 
 def app_builder(args: dict[str, Any]) -> Application:
-    """Builder for ``serve run``/``serve deploy``: ``args`` may name a ``config`` file."""
-    return INGRESS.bind(Config.load(args.get("config")))
+    """Builder for ``serve run``/``serve deploy``: ``args`` may name a ``config`` file.
+
+    Serve builds the application on the cluster, in a worker whose folder is the one Ray was
+    started in, not the one ``serve deploy`` ran in: a relative ``config`` is looked for
+    there, then in rbee's own source tree (``configs/rbee.yaml`` of a checkout)."""
+    given = args.get("config")
+    return INGRESS.bind(Config.load(config_file(given) if given else None))
+
+
+def config_file(given: str, where: Path | None = None) -> Path:
+    """The config file ``given`` names: as is if absolute; else in ``where`` (the working
+    folder), then in rbee's source tree; ``FileNotFoundError`` naming both otherwise."""
+    path = Path(given).expanduser()
+    if path.is_absolute():
+        return path
+    places = [where or Path.cwd(), SOURCE_TREE]
+    for place in places:
+        if (place / path).is_file():
+            return place / path
+    raise FileNotFoundError(
+        f"rbee's config {given!r} is in none of {[str(p) for p in places]}: give an absolute "
+        "path in the Serve config's args.config (or set RBEE_CONFIG on the cluster)"
+    )
