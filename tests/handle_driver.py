@@ -72,6 +72,7 @@ async def main() -> None:
         "jobs": await error_of(lambda: rbee.jobs.remote(state="sleeping")),
         "run": await error_of(lambda: rbee.run.remote(absent)),
         "cancel": await error_of(lambda: rbee.cancel.remote("job-never")),
+        "cancel_wait": await error_of(lambda: rbee.cancel.remote("job-never", wait=True)),
     }
     print(json.dumps(seen))
 

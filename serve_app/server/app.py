@@ -144,7 +144,7 @@ class Api:
 
     async def delete_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        check_cancelled(job_id, await self._cancel(request, [job_id], wait=True), waited=True)
+        check_cancelled(job_id, await self._cancel(request, [job_id], wait=True))
         return JSONResponse({"job_id": job_id, "status": "cancelled"})
 
     async def cancel_job(self, request: Request) -> Response:

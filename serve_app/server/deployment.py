@@ -75,11 +75,14 @@ class Ingress:
             yield item
 
     async def cancel(self, job_id: str, wait: bool = False) -> None:
-        """Ask for the cancel; with ``wait``, return once the job is cancelled and raise
-        ``JobNotFound``/``JobFinished`` if there was nothing to stop."""
+        """Ask for the cancel and return at once, whatever the job (as the HTTP client's
+        ``cancel``: ``POST /v1/jobs/{id}/cancel`` is 202 for any id); with ``wait``, return
+        once the job is cancelled and raise ``JobNotFound``/``JobFinished`` if there was
+        nothing to stop (``DELETE /v1/jobs/{id}``)."""
         _check_job_id(job_id)
         answer = await remote(self._registry.cancel.remote([job_id], None, wait=wait))
-        check_cancelled(job_id, answer, waited=wait)
+        if wait:
+            check_cancelled(job_id, answer)
 
     async def job(self, job_id: str) -> dict[str, Any]:
         _check_job_id(job_id)

@@ -290,12 +290,12 @@ def check_listing(state: Any, operation: Any, limit: Any) -> None:
         raise InvalidRequest("limit must be between 1 and 10000")
 
 
-def check_cancelled(job_id: str, answer: dict[str, list[str]], waited: bool) -> None:
-    """The registry's answer to the cancel of one job: ``JobNotFound`` if it does not know
-    the job; after a ``wait``, ``JobFinished`` if the job had ended before the cancel."""
+def check_cancelled(job_id: str, answer: dict[str, list[str]]) -> None:
+    """The registry's answer to the cancel of one job it waited for: ``JobNotFound`` if it
+    does not know the job, ``JobFinished`` if the job had ended before the cancel."""
     if answer["unknown"]:
         raise JobNotFound(f"no job {job_id!r}")
-    if waited and not answer["ended"]:
+    if not answer["ended"]:
         raise JobFinished(f"job {job_id!r} had already finished")
 
 
