@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ray.util import metrics
@@ -31,7 +32,7 @@ class JobRegistry:
         self._config = config
         self._metrics = _Metrics()
         self._background: set[asyncio.Task[None]] = set()
-        self._hives: asyncio.Future[list[dict[str, Any]]] | None = None
+        self._rounds: dict[str, asyncio.Future[Any]] = {}
         self._store = JobStore(config.state_dir, keep=config.retain_jobs)
         table = JobTable(max_events=config.max_events_per_job, retain=config.retain_jobs)
         for saved, events in self._store.load():
@@ -121,11 +122,9 @@ class JobRegistry:
         return changes.to_dict()
 
     async def hives(self) -> list[dict[str, Any]]:
-        """Every alive node's hive (``hive_list``'s result, without a job: each open web
-        page asks every few seconds, so the asks in flight at once share one round)."""
-        if self._hives is None or self._hives.done():
-            self._hives = asyncio.ensure_future(self._backend.hive_list())
-        return await asyncio.shield(self._hives)
+        """Every alive node's hive (``hive_list``'s result, without a job; the asks in flight
+        at once share one round: each open web page asks every 5 s)."""
+        return list(await self._shared("hives", self._backend.hive_list))
 
     async def cancel(
         self,
@@ -175,8 +174,16 @@ class JobRegistry:
         return await self._backend.preloads()
 
     async def models(self) -> list[dict[str, Any]]:
-        """Every model some alive hive can serve, with its context (``GET /v1/models``)."""
-        return await self._backend.models()
+        """Every model some alive hive can serve, with its context (``GET /v1/models``; the
+        asks in flight at once share one round: each open web page asks every 10 s)."""
+        return list(await self._shared("models", self._backend.models))
+
+    async def _shared(self, name: str, ask: Callable[[], Awaitable[Any]]) -> Any:
+        """``ask()`` once for all who want its answer while it is on its way."""
+        round_ = self._rounds.get(name)
+        if round_ is None or round_.done():
+            round_ = self._rounds[name] = asyncio.ensure_future(ask())
+        return await asyncio.shield(round_)
 
     async def count(self) -> int:
         return len(self._jobs.table)
