@@ -220,3 +220,19 @@ async def test_an_empty_board_is_waited_on_not_sent_again():
     assert first.reset and first.rows == [] and first.seq == 0
     again = await table.wait_changes(first.seq, limit=10, poll_s=0.01, epoch=first.epoch)
     assert not again.reset
+
+
+def test_a_board_row_takes_max_tokens_from_an_openai_request_too():
+    table = JobTable()
+    chat = {"model": "m", "messages": [], "max_completion_tokens": 7, "max_tokens": 9}
+    rows = [
+        table.row(table.create("infer", request, "c").job_id)["max_tokens"]
+        for request in (
+            {"model": "m", "openai": {"api": "chat", "request": chat}},
+            {"model": "m", "openai": {"api": "completions", "request": {"max_tokens": 5}}},
+            {"model": "m", "openai": {"api": "completions", "request": {"max_tokens": "5"}}},
+            {"model": "m", "max_tokens": True},
+            {"model": "m", "max_tokens": 3},
+        )
+    ]
+    assert rows == [7, 5, None, None, 3]

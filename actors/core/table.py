@@ -104,19 +104,28 @@ class JobRecord:
         its result, with what a list shows of the request, and ``tokens`` made so far."""
         row = self.to_dict()
         del row["result"]
-        max_tokens = self.request.get("max_tokens")
         return {
             **row,
             "model": _text(self.request.get("model")),
             "hive_id": _text(self.request.get("hive_id")),
             "tokens": tokens,
-            "max_tokens": max_tokens if type(max_tokens) is int else None,
+            "max_tokens": _max_tokens(self.request),
             "cancel_requested": self.cancel_requested,
         }
 
 
 def _text(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _max_tokens(request: dict[str, Any]) -> int | None:
+    """The most tokens an ``infer`` may make: its own, or its OpenAI request's."""
+    openai = request.get("openai")
+    body = openai.get("request") if isinstance(openai, dict) else None
+    asked = [request.get("max_tokens")]
+    if isinstance(body, dict):
+        asked += [body.get("max_completion_tokens"), body.get("max_tokens")]
+    return next((n for n in asked if type(n) is int), None)
 
 
 class EventLog:
