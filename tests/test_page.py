@@ -195,8 +195,11 @@ def test_an_infer_started_on_the_page_shows_its_tokens_as_they_come(
 ):
     expect(page.locator(f'#infer-model option[value="{tiny_model}"]')).to_have_count(1, timeout=15_000)
     page.select_option("#infer-model", tiny_model)
-    page.fill("#infer-prompt", "Tell me a long story about the sea and the ships on it")
+    prompt = "Tell me a long story about the sea and the ships on it"
+    page.fill("#infer-prompt", prompt)
     page.fill("#infer-max-tokens", "64")
+    requests: list[Any] = []
+    page.on("request", lambda r: requests.append(r.post_data_json) if r.method == "POST" else None)
     page.click("#infer-form button[type=submit]")
     expect(page.locator("#panel")).to_be_visible(timeout=5_000)
     tokens = page.locator("#panel-tokens")
@@ -211,6 +214,18 @@ def test_an_infer_started_on_the_page_shows_its_tokens_as_they_come(
     events = api.get(f"/v1/jobs/{job_id}/stream", timeout=30).text
     assert tokens.text_content() == "".join(e["text"] for e in _token_events(events))
     assert row(page, job_id).locator("button.cancel").count() == 0
+    # Sent as a chat message by default (the model's chat template applies), then as raw text.
+    def sent() -> list[dict[str, Any]]:
+        return [r for r in requests if isinstance(r, dict) and r.get("operation") == "infer"]
+
+    (chat,) = sent()
+    assert chat["messages"] == [{"role": "user", "content": prompt}] and "prompt" not in chat
+    page.select_option("#infer-as", "prompt")
+    page.click("#infer-form button[type=submit]")
+    wait_for(lambda: len(sent()) == 2, timeout=10)
+    assert sent()[1]["prompt"] == prompt and "messages" not in sent()[1]
+    plain = page.locator(f"#jobs tr.selected:not([data-job-id='{job_id}'])")
+    expect(plain).to_have_attribute("data-state", "completed", timeout=60_000)
 
 
 def test_a_long_generation_streams_into_the_panel_and_its_cancel_stops_it(

@@ -46,10 +46,15 @@ function onDownloadSubmit(event) {
 
 function onInferSubmit(event) {
   event.preventDefault();
+  const text = $("infer-prompt").value;
+  // An instruct model answers a question sent as a chat message; as raw text it continues it.
+  const input = $("infer-as").value === "prompt"
+    ? { prompt: text }
+    : { messages: [{ role: "user", content: text }] };
   submitJob(dom.inferForm, {
     operation: "infer",
     model: dom.inferModel.value,
-    prompt: $("infer-prompt").value,
+    ...input,
     max_tokens: Number.parseInt($("infer-max-tokens").value, 10),
     temperature: Number.parseFloat($("infer-temperature").value),
   });
