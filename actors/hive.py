@@ -157,7 +157,7 @@ class Hive:
         await self._workers.settled()
         if isinstance(op, WorkerSpawn):
             async for event in self._workers.spawn(
-                op.model, op.device, op.worker_id, correlation_id, job_id
+                op.model, op.device, op.worker_id, correlation_id, job_id, reuse=op.reuse
             ):
                 yield event
             return

@@ -191,10 +191,14 @@ class Infer(_Op):
 
 
 class WorkerSpawn(_Op):
+    """Start a worker for ``model``; with ``reuse``, a worker of the hive that already serves
+    it (or is loading it) is the answer instead of a second one."""
+
     operation: Literal["worker_spawn"]
     model: str
     device: Literal["cpu", "gpu"] | None = None
     worker_id: str | None = None
+    reuse: bool = False
 
     _model = field_validator("model")(classmethod(lambda cls, v: check_model_id(v)))
 

@@ -211,10 +211,24 @@ class WorkerPool:
         worker_id: str | None,
         correlation_id: str | None,
         job_id: str | None = None,
+        *,
+        reuse: bool = False,
     ) -> AsyncGenerator[Event, None]:
-        loading = self._begin(model, device, worker_id, job_id)
-        yield Narration(ACTOR, "worker_spawn", f"loading {model}", correlation_id=correlation_id)
-        worker = await loading  # cancelling the job cancels the load
+        if reuse and worker_id is None and any(w.model == model for w in self._workers.values()):
+            yield Narration(
+                ACTOR,
+                "worker_spawn",
+                f"a worker for {model} is on this hive already: using it, not starting another",
+                correlation_id=correlation_id,
+            )
+            name = await self.ensure(model)  # waits for one that loads; cancelling leaves it be
+            worker = next(w for w in self._workers.values() if worker_name(w.worker_id) == name)
+        else:
+            loading = self._begin(model, device, worker_id, job_id)
+            yield Narration(
+                ACTOR, "worker_spawn", f"loading {model}", correlation_id=correlation_id
+            )
+            worker = await loading  # cancelling the job cancels the load
         yield Narration(
             ACTOR,
             "worker_ready",

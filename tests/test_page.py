@@ -8,6 +8,7 @@ used). Without it these tests fail: they never skip. Screenshots of the page go 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -210,6 +211,11 @@ def test_an_infer_started_on_the_page_shows_its_tokens_as_they_come(
     expect(row(page, job_id)).to_have_attribute("data-state", "completed")
     expect(row(page, job_id).locator(".progress-text")).to_contain_text("tokens")
     expect(page.locator("#panel-result")).to_be_visible()
+    # The panel and the row count the tokens the engine made.
+    made = json.loads(page.locator("#panel-result").text_content() or "{}")["usage"]
+    counted = re.compile(rf"(^|\D){made['completion_tokens']} tokens")
+    expect(page.locator("#panel-progress")).to_contain_text(counted)
+    expect(row(page, job_id).locator(".progress-text")).to_contain_text(counted)
     # What the panel shows is what the job made, token for token.
     events = api.get(f"/v1/jobs/{job_id}/stream", timeout=30).text
     assert tokens.text_content() == "".join(e["text"] for e in _token_events(events))

@@ -150,3 +150,14 @@ def _answers(api) -> bool:
         return bool(_workers(api) is not None)
     except Exception:
         return False
+
+
+def test_a_spawn_with_reuse_takes_the_worker_already_there(api, worker, tiny_model):
+    """What a preload asks for: a request that came first may have started the worker."""
+    before = {w["worker_id"] for w in _workers(api)}
+    spawn = {"operation": "worker_spawn", "model": tiny_model, "reuse": True}
+    stream = read_sse(api, f"/v1/jobs/{submit(api, spawn)}/stream", deadline_s=30)
+    assert stream.sentinel == "[DONE]"
+    assert stream.of("result")[0]["worker_id"] in before
+    assert "already" in stream.of("narration")[0]["message"]
+    assert {w["worker_id"] for w in _workers(api)} == before

@@ -244,7 +244,8 @@ class _PreloadWatch:
             if model == LOCAL_ID and not self._config.embedded:
                 log.info("not preloading %s: the embedded model is off (embedded: false)", model)
                 continue
-            op = {"operation": "worker_spawn", "model": model}
+            # A request that came first may have started one already: that one is used.
+            op = {"operation": "worker_spawn", "model": model, "reuse": True}
             try:
                 response = self._client.post("/v1/jobs", json=op)
                 response.raise_for_status()

@@ -206,8 +206,9 @@ function addNarration(data) {
 /** Tokens come in bursts: one text node and one scroll per frame, not per token. */
 function queueToken(data) {
   panel.tokenBuffer.push(String(data.text ?? ""));
+  // ``index`` is the count of tokens made so far (several may come in one delta).
   const index = Number(data.index);
-  panel.tokenCount = Math.max(panel.tokenCount + 1, Number.isFinite(index) ? index + 1 : 0);
+  panel.tokenCount = Number.isFinite(index) ? Math.max(panel.tokenCount, index) : panel.tokenCount + 1;
   if (!panel.tokenFlushQueued) {
     panel.tokenFlushQueued = true;
     requestAnimationFrame(flushTokens);
