@@ -313,6 +313,58 @@ def test_serve_deploy_of_configs_serve_yaml_on_a_ray_started_elsewhere(tmp_path,
             assert (tmp_path / "cache" / f"models--{repo.replace('/', '--')}").is_dir()
 
 
+def test_serve_run_of_configs_serve_yaml(tmp_path, hub):
+    """The documented ``serve run configs/serve.yaml``: Ray's own tooling starts a Ray of
+    its own and rbee on it, with the RBEE_* env vars of its shell."""
+    port = free_port()
+    serve_yaml = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
+    serve_yaml["http_options"]["port"] = port
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_yaml))
+    ray_dir = tempfile.mkdtemp(prefix="rbee-ray-", dir="/tmp")  # short: Ray's socket paths
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("RBEE_", "RAY_"))},
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_TMPDIR": ray_dir,
+        "RBEE_HUB_ENDPOINT": hub.url,
+        "RBEE_CACHE_DIR": str(tmp_path / "cache"),
+        "RBEE_STATE_DIR": str(tmp_path / "state"),
+    }
+    serve_cli = str(Path(sys.executable).with_name("serve"))
+    log = (tmp_path / "serve-run.log").open("wb")
+    running = subprocess.Popen(
+        [serve_cli, "run", str(tmp_path / "serve.yaml")], env=env, cwd=REPO_ROOT,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    seen: dict[int, float] = {}
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            assert running.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
+            seen.update(processes_of(running.pid))
+            try:
+                return httpx.get(f"{url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(healthy, timeout=120, interval=1)
+        with httpx.Client(base_url=url, timeout=60) as api:
+            repo = _repo(hub, MiB)
+            assert _run(api, {"operation": "model_download", "model": repo})["model"] == repo
+            assert (tmp_path / "cache" / f"models--{repo.replace('/', '--')}").is_dir()
+            assert api.get("/").status_code == 200
+    finally:
+        seen.update(processes_of(running.pid))
+        for pid in alive(seen):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        running.wait(timeout=30)
+        log.close()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
 def test_a_config_file_is_found_where_ray_started_then_in_the_checkout(tmp_path):
     from serve_app.server.deployment import config_file
 
