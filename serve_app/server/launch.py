@@ -157,7 +157,11 @@ class Hive:
         try:
             while not done.wait(0.1):
                 if time.monotonic() - started > _GRACEFUL_S:
-                    log.warning("Ray did not stop within %gs: ending its processes", _GRACEFUL_S)
+                    log.warning(
+                        "Ray did not stop within %gs (still %s): ending its processes",
+                        _GRACEFUL_S,
+                        phase[0],
+                    )
                     break
                 if leftovers is not None and phase[0] != "stopping Ray" and leftovers.ray_gone():
                     log.warning("Ray's own processes are gone (a signal to the process group?)")
