@@ -18,6 +18,8 @@ from actors.remote import actor_class, alive_nodes
 HIVE = actor_class(Hive, num_cpus=0, max_concurrency=1000)
 DOWNLOADS = actor_class(DownloadActor, num_cpus=0, max_concurrency=1000)
 JOBS = actor_class(JobRegistry, num_cpus=0, max_concurrency=10_000)
+ON_HEAD = {"node:__internal_head__": 0.001}
+"""Ray's own resource of the head node: what must outlive any other node runs there."""
 
 
 def ensure_cluster(config: Config) -> Any:
@@ -29,6 +31,7 @@ def ensure_cluster(config: Config) -> Any:
         lifetime="detached",
         get_if_exists=True,
         max_restarts=-1,  # comes back with the jobs it saved under state_dir
+        resources=ON_HEAD,  # where state_dir is: a node that leaves never takes it along
     ).remote(config)
     ray.get(registry.ready.remote())
     return registry

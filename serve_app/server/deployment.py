@@ -26,7 +26,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from actors.cluster import ensure_cluster
+from actors.cluster import ON_HEAD, ensure_cluster
 from actors.config import Config
 from actors.core.errors import InvalidRequest
 from actors.core.events import StreamEvent
@@ -111,7 +111,8 @@ def _check_job_id(job_id: Any) -> None:
 INGRESS = serve.deployment(
     name="rbee-ingress",
     num_replicas=1,
-    ray_actor_options={"num_cpus": 0},
+    # On the head, with the registry: a node that leaves never takes the ingress along.
+    ray_actor_options={"num_cpus": 0, "resources": ON_HEAD},
     max_ongoing_requests=10_000,
 )(serve.ingress()(Ingress))
 
