@@ -59,13 +59,16 @@ __all__ = [
     "fmt_ms",
     "free_port",
     "hive_config",
+    "job_state",
     "log",
     "main",
     "parse_size",
     "random_file",
     "read_sse",
     "start_hive",
+    "submit_job",
     "summary",
+    "wait_until",
 ]
 
 
@@ -217,6 +220,26 @@ def start_hive(run: Run, config: Any, *, num_cpus: int = 2, dashboard: bool = Fa
 def client(base_url: str, **kwargs: Any) -> httpx.Client:
     kwargs.setdefault("timeout", 60.0)
     return httpx.Client(base_url=base_url, trust_env=False, **kwargs)
+
+
+def submit_job(api: httpx.Client, op: dict[str, Any]) -> str:
+    """``POST /v1/jobs``; the job's id (anything but a 201 is an error)."""
+    response = api.post("/v1/jobs", json=op)
+    if response.status_code != 201:
+        raise RuntimeError(f"submit {op}: {response.status_code} {response.text}")
+    return str(response.json()["job_id"])
+
+
+def job_state(api: httpx.Client, job_id: str) -> str:
+    return str(api.get(f"/v1/jobs/{job_id}").json()["state"])
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout}s for {what}")
+        time.sleep(0.1)
 
 
 @dataclass

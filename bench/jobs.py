@@ -33,11 +33,14 @@ from _common import (
     client,
     fmt_ms,
     hive_config,
+    job_state,
     log,
     main,
     random_file,
     start_hive,
+    submit_job,
     summary,
+    wait_until,
 )
 from rich.table import Table
 
@@ -113,9 +116,9 @@ def bench(run: Run) -> dict[str, Any]:
     fillers = []
     for i in range(SLOTS):
         hub.add_repo(f"bench/filler-{i}", {"model.bin": filler})
-        fillers.append(_submit(api, {"operation": "model_download", "model": f"bench/filler-{i}"}))
+        fillers.append(submit_job(api, {"operation": "model_download", "model": f"bench/filler-{i}"}))
     hub.add_repo("bench/queued", {"model.bin": queued_file})
-    _wait_until(lambda: all(_bytes_done(api, j) > 0 for j in fillers), 60, "fillers to start")
+    wait_until(lambda: all(_bytes_done(api, j) > 0 for j in fillers), 60, "fillers to start")
     rss2, jobs2 = registry.memory_info().rss, _job_count(api)
     queued_op = {"operation": "model_download", "model": "bench/queued"}
     _, storm_submit_s, ids = _submit_parallel(hive.url, n_storm, queued_op)
@@ -135,7 +138,7 @@ def bench(run: Run) -> dict[str, Any]:
         "submit_per_s": round(n_storm / storm_submit_s, 1),
         "not_cancelled": sum(1 for j in ids if j not in cancelled),
         "started": started,
-        "fillers_still_running": sum(1 for j in fillers if _state(api, j) == "running"),
+        "fillers_still_running": sum(1 for j in fillers if job_state(api, j) == "running"),
         "target_s": STORM_TARGET_S,
     }
     storm["per_request_pass"] = bool(storm["all_cancelled_s"] is not None
@@ -170,13 +173,6 @@ def bench(run: Run) -> dict[str, Any]:
 
 
 # -- submitting ------------------------------------------------------------------------------
-def _submit(api: httpx.Client, op: dict[str, Any]) -> str:
-    response = api.post("/v1/jobs", json=op)
-    if response.status_code != 201:
-        raise RuntimeError(f"submit {op}: {response.status_code} {response.text}")
-    return str(response.json()["job_id"])
-
-
 def _submit_sequential(
     api: httpx.Client, n: int, op: dict[str, Any]
 ) -> tuple[list[float], float]:
@@ -184,7 +180,7 @@ def _submit_sequential(
     started = time.perf_counter()
     for _ in range(n):
         t0 = time.perf_counter()
-        _submit(api, op)
+        submit_job(api, op)
         latencies.append((time.perf_counter() - t0) * 1000)
     return latencies, time.perf_counter() - started
 
@@ -213,7 +209,7 @@ def _submit_parallel(
             go.wait()
             for _ in range(count):
                 t0 = time.perf_counter()
-                ids.append(_submit(api, op))
+                ids.append(submit_job(api, op))
                 latencies.append((time.perf_counter() - t0) * 1000)
         return latencies, ids
 
@@ -359,21 +355,9 @@ def _job_count(api: httpx.Client) -> int:
     return len(response.json()["jobs"])
 
 
-def _state(api: httpx.Client, job_id: str) -> str:
-    return str(api.get(f"/v1/jobs/{job_id}").json()["state"])
-
-
 def _bytes_done(api: httpx.Client, job_id: str) -> int:
     progress = api.get(f"/v1/jobs/{job_id}").json()["progress"] or {}
     return int(progress.get("bytes_done", 0))
-
-
-def _wait_until(check: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.1)
 
 
 def _wait_terminal(api: httpx.Client, expected_at_least: int, timeout: float = 120) -> None:
@@ -382,7 +366,7 @@ def _wait_terminal(api: httpx.Client, expected_at_least: int, timeout: float = 1
         jobs = api.get("/v1/jobs", params={"limit": 10_000}).json()["jobs"]
         return len(jobs) >= expected_at_least and all(j["state"] in TERMINAL for j in jobs)
 
-    _wait_until(settled, timeout, "the submitted jobs to finish")
+    wait_until(settled, timeout, "the submitted jobs to finish")
 
 
 def _registry_process() -> Any:

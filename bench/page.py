@@ -30,11 +30,14 @@ from _common import (
     Run,
     client,
     hive_config,
+    job_state,
     log,
     main,
     random_file,
     start_hive,
+    submit_job,
     summary,
+    wait_until,
 )
 from rich.table import Table
 
@@ -90,8 +93,8 @@ def bench(run: Run) -> dict[str, Any]:
                                        parallel_min_size=1 << 30))
     api = run.stack.enter_context(client(hive.url))
     log.print(f"[bold]{n_jobs} jobs[/] on the board…")
-    made = [_submit(api, {"operation": "hive_list"}) for _ in range(n_jobs)]
-    _wait(lambda: _state(api, made[-1]) == "completed", 60)
+    made = [submit_job(api, {"operation": "hive_list"}) for _ in range(n_jobs)]
+    wait_until(lambda: job_state(api, made[-1]) == "completed", 60, "the jobs to finish")
 
     playwright = run.stack.enter_context(sync_playwright())
     browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -112,7 +115,7 @@ def bench(run: Run) -> dict[str, Any]:
     downloads = []
     for i in range(DOWNLOADS):
         hub.add_repo(f"bench/page-{i}", {"model.bin": data})
-        downloads.append(_submit(api, {"operation": "model_download", "model": f"bench/page-{i}"}))
+        downloads.append(submit_job(api, {"operation": "model_download", "model": f"bench/page-{i}"}))
     page.evaluate("window.__bench.long = []; window.__bench.frames = 0")
     window_started = time.monotonic()
     submitted: dict[str, float] = {}
@@ -122,7 +125,7 @@ def bench(run: Run) -> dict[str, Any]:
     page.wait_for_timeout(1500)  # the last ones reach the page
     live_s = time.monotonic() - window_started
     probe = page.evaluate("window.__bench")
-    moving = sum(1 for j in downloads if _state(api, j) == "running")
+    moving = sum(1 for j in downloads if job_state(api, j) == "running")
     lags = [(probe["seen"][j] - t * 1000) for j, t in submitted.items() if j in probe["seen"]]
     live = {
         "seconds": round(live_s, 1),
@@ -160,27 +163,8 @@ def _add_live(url: str, n: int, submitted: dict[str, float]) -> None:
     with client(url) as api:
         for _ in range(n):
             at = time.time()
-            submitted[_submit(api, {"operation": "hive_list"})] = at
+            submitted[submit_job(api, {"operation": "hive_list"})] = at
             time.sleep(max(0.0, 1 / LIVE_PER_S - (time.time() - at)))
-
-
-def _submit(api: Any, op: dict[str, Any]) -> str:
-    response = api.post("/v1/jobs", json=op)
-    if response.status_code != 201:
-        raise RuntimeError(f"submit {op}: {response.status_code} {response.text}")
-    return str(response.json()["job_id"])
-
-
-def _state(api: Any, job_id: str) -> str:
-    return str(api.get(f"/v1/jobs/{job_id}").json()["state"])
-
-
-def _wait(check: Any, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > end:
-            raise RuntimeError(f"not within {timeout}s")
-        time.sleep(0.1)
 
 
 def _table(f: dict[str, Any]) -> Table:
