@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,17 +275,45 @@ def test_rbee_serve_joins_a_ray_started_with_ray_start(tmp_path, hub):
             assert "Connecting to existing Ray cluster" in on.output()
 
 
+def _serve_yaml(tmp_path: Path) -> int:
+    """``configs/serve.yaml`` as is but for a free port, at ``tmp_path/serve.yaml``; the port."""
+    port = free_port()
+    serve_yaml = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
+    assert serve_yaml["applications"][0]["args"]["config"] == "configs/rbee.yaml"
+    serve_yaml["http_options"]["port"] = port
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_yaml))
+    return port
+
+
+def _serves_a_download(
+    port: int, hub, cache: Path, still_up: Callable[[], None] = lambda: None
+) -> None:
+    """rbee on ``port`` comes up (``still_up`` checks what serves it meanwhile), downloads
+    into ``cache`` and serves its page."""
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        still_up()
+        try:
+            return httpx.get(f"{url}/health", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(healthy, timeout=120, interval=1)
+    with httpx.Client(base_url=url, timeout=60) as api:
+        repo = _repo(hub, MiB)
+        assert _run(api, {"operation": "model_download", "model": repo})["model"] == repo
+        assert (cache / f"models--{repo.replace('/', '--')}").is_dir()
+        assert api.get("/").status_code == 200
+
+
 def test_serve_deploy_of_configs_serve_yaml_on_a_ray_started_elsewhere(tmp_path, hub):
     """The documented ``serve deploy configs/serve.yaml``, to a Ray started in another
     folder: rbee's config (``args.config: configs/rbee.yaml``) is found in its checkout, and
     the RBEE_* env vars given to ``ray start`` apply."""
     started_in = tmp_path / "elsewhere"
     started_in.mkdir()
-    port = free_port()
-    serve_yaml = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
-    assert serve_yaml["applications"][0]["args"]["config"] == "configs/rbee.yaml"
-    serve_yaml["http_options"]["port"] = port
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_yaml))
+    port = _serve_yaml(tmp_path)
     rbee_env = {
         "RBEE_HUB_ENDPOINT": hub.url,
         "RBEE_CACHE_DIR": str(tmp_path / "cache"),
@@ -298,28 +326,13 @@ def test_serve_deploy_of_configs_serve_yaml_on_a_ray_started_elsewhere(tmp_path,
             deploy, env=ray_env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
         )
         assert deployed.returncode == 0, deployed.stderr[-2000:]
-        url = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            try:
-                return httpx.get(f"{url}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(healthy, timeout=120, interval=1)
-        with httpx.Client(base_url=url, timeout=60) as api:
-            repo = _repo(hub, MiB)
-            assert _run(api, {"operation": "model_download", "model": repo})["model"] == repo
-            assert (tmp_path / "cache" / f"models--{repo.replace('/', '--')}").is_dir()
+        _serves_a_download(port, hub, tmp_path / "cache")
 
 
 def test_serve_run_of_configs_serve_yaml(tmp_path, hub):
     """The documented ``serve run configs/serve.yaml``: Ray's own tooling starts a Ray of
     its own and rbee on it, with the RBEE_* env vars of its shell."""
-    port = free_port()
-    serve_yaml = yaml.safe_load((REPO_ROOT / "configs" / "serve.yaml").read_text())
-    serve_yaml["http_options"]["port"] = port
-    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_yaml))
+    port = _serve_yaml(tmp_path)
     ray_dir = tempfile.mkdtemp(prefix="rbee-ray-", dir="/tmp")  # short: Ray's socket paths
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("RBEE_", "RAY_"))},
@@ -337,22 +350,12 @@ def test_serve_run_of_configs_serve_yaml(tmp_path, hub):
     )  # fmt: skip
     seen: dict[int, float] = {}
     try:
-        url = f"http://127.0.0.1:{port}"
 
-        def healthy() -> bool:
+        def up() -> None:
             assert running.poll() is None, (tmp_path / "serve-run.log").read_text()[-3000:]
             seen.update(processes_of(running.pid))
-            try:
-                return httpx.get(f"{url}/health", timeout=5).status_code == 200
-            except httpx.HTTPError:
-                return False
 
-        wait_for(healthy, timeout=120, interval=1)
-        with httpx.Client(base_url=url, timeout=60) as api:
-            repo = _repo(hub, MiB)
-            assert _run(api, {"operation": "model_download", "model": repo})["model"] == repo
-            assert (tmp_path / "cache" / f"models--{repo.replace('/', '--')}").is_dir()
-            assert api.get("/").status_code == 200
+        _serves_a_download(port, hub, tmp_path / "cache", up)
     finally:
         seen.update(processes_of(running.pid))
         for pid in alive(seen):
