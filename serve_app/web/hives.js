@@ -53,10 +53,12 @@ function renderHive(hive) {
   if (Array.isArray(hive.gpu_memory) && hive.gpu_memory.length) {
     const list = card.appendChild(element("ul", "gpus"));
     hive.gpu_memory.forEach((gpu, i) => {
+      // hive_status's shape: {"index", "total_bytes", "used_bytes"} per GPU (nvidia-ml-py).
       const index = gpu?.index ?? i;
-      const used = gpu?.used ?? (gpu?.total != null && gpu?.free != null ? gpu.total - gpu.free : null);
+      const used = gpu?.used_bytes;
+      const total = gpu?.total_bytes;
       const text = gpu && typeof gpu === "object"
-        ? `GPU ${index}: ${used == null ? "?" : formatBytes(used)} / ${gpu.total == null ? "?" : formatBytes(gpu.total)} used`
+        ? `GPU ${index}: ${used == null ? "?" : formatBytes(used)} / ${total == null ? "?" : formatBytes(total)} used`
         : `GPU ${i}: ${describe(gpu)}`;
       list.append(element("li", "", text));
     });
