@@ -19,13 +19,12 @@ from ray.exceptions import RayActorError
 
 from actors.config import Config
 from actors.core.errors import InvalidRequest
-from serve_app.server.jobstream import remote
+from serve_app.server.jobstream import RETRY_S, remote
 
 log = logging.getLogger("rbee.board")
 
 FRAME_EVERY_S = 0.25
 """The shortest time between two frames to one watcher: changes in between ride together."""
-_RETRY_S = 0.5
 _POSITION = re.compile(r"([0-9a-f]{1,32})\.([0-9]{1,18})")
 
 
@@ -70,7 +69,7 @@ class Board:
                 )
             except RayActorError as exc:
                 log.info("jobs board: the registry is restarting: %r", exc)
-                await asyncio.sleep(_RETRY_S)
+                await asyncio.sleep(RETRY_S)
                 yield None
                 continue
             if not (changes["reset"] or changes["jobs"] or changes["forgotten"]):

@@ -45,7 +45,8 @@ REGISTRY_BACK_S = 60.0
 """How long a follower waits for a registry that died to come back (Ray restarts it)."""
 READ_WAIT_S = 15.0
 """How long a read (a job, the job list) waits for a registry that is restarting."""
-_RETRY_S = 0.5
+RETRY_S = 0.5
+"""How long to wait before asking a registry that is restarting again."""
 
 MAX_JSON_DEPTH = 64
 """The deepest nesting of arrays and objects a body may have (SPEC §7)."""
@@ -77,7 +78,7 @@ async def read(make: Callable[[], Any], wait_s: float = READ_WAIT_S) -> Any:
         except RayActorError as exc:
             if asyncio.get_running_loop().time() > deadline:
                 raise Unavailable(f"the job registry did not come back within {wait_s:g}s") from exc
-            await asyncio.sleep(_RETRY_S)
+            await asyncio.sleep(RETRY_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,7 +155,7 @@ class JobStream:
                     log.error("the registry did not come back for %s: %r", job_id, exc)
                     yield [_lost("the job registry died and did not come back")]
                     return
-                await asyncio.sleep(_RETRY_S)
+                await asyncio.sleep(RETRY_S)
                 yield [IDLE]
                 continue
             except JobNotFound:
