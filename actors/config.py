@@ -3,13 +3,15 @@ into typed values that are passed down. Nothing reads the environment at import 
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
 
 PUBLIC_HUB = "https://huggingface.co"
 
@@ -59,10 +61,51 @@ class EngineConfig(_Section):
     tool_call_parsers: dict[str, str] = Field(default_factory=dict)
 
 
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?", re.ASCII)
+_ORIGIN = re.compile(r"(https?)://([^/?#@\s]+)", re.ASCII)
+
+
+def host_pattern(value: str) -> str:
+    """An entry of ``server.allowed_hosts``: ``*`` (any), a host name, ``*.`` and a domain
+    (its subdomains), or an IP address (``[::1]`` or ``::1``); lowercased, no port."""
+    value = value.strip().lower().rstrip(".")
+    if value == "*" or _HOST_NAME.fullmatch(value):
+        return value
+    try:
+        return str(ipaddress.ip_address(value.removeprefix("[").removesuffix("]")))
+    except ValueError:
+        raise ValueError(
+            f"{value!r} is not a host name, '*.domain', an IP address or '*'"
+        ) from None
+
+
+def origin(value: str) -> str:
+    """An entry of ``server.allowed_origins``: ``scheme://host[:port]`` as a browser sends it
+    in ``Origin`` (no path), lowercased; never ``*``: any web page could then use the API."""
+    value = value.strip().lower().rstrip("/")
+    found = _ORIGIN.fullmatch(value)
+    if found is None:
+        raise ValueError(f"{value!r} is not an origin such as 'http://localhost:3000'")
+    scheme, netloc = found.groups()
+    # As a browser sends it: without its scheme's default port.
+    return f"{scheme}://{netloc.removesuffix(_DEFAULT_PORT[scheme])}"
+
+
+_DEFAULT_PORT = {"http": ":80", "https": ":443"}
+
+
 class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=7835, ge=0, le=65535)
     api_token: SecretStr | None = None
+    #: Host names (any port) served beside loopback's and ``host``'s own (DNS rebinding:
+    #: another Host is refused); ``*`` turns the check off. ``RBEE_ALLOWED_HOSTS``
+    allowed_hosts: list[Annotated[str, AfterValidator(host_pattern)]] = Field(
+        default_factory=list
+    )
+    #: Web origins beside the server's own that may send requests (and read the answers:
+    #: CORS for them alone). ``RBEE_ALLOWED_ORIGINS``
+    allowed_origins: list[Annotated[str, AfterValidator(origin)]] = Field(default_factory=list)
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     keepalive_s: float = Field(default=15.0, gt=0)
     #: ``haproxy``: Ray Serve's HAProxy ingress and fast data plane (``serve_app.server.fast_path``),
@@ -164,6 +207,9 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         server["api_token"] = env["RBEE_API_TOKEN"]
     if env.get("RBEE_INGRESS"):
         server["ingress"] = env["RBEE_INGRESS"]
+    for var, key in (("RBEE_ALLOWED_HOSTS", "allowed_hosts"), ("RBEE_ALLOWED_ORIGINS", "allowed_origins")):
+        if env.get(var):
+            server[key] = [item for item in env[var].split(",") if item.strip()]
     downloads = data.setdefault("downloads", {})
     for var, key in (
         ("RBEE_DOWNLOAD_CONCURRENCY", "concurrency"),

@@ -126,6 +126,17 @@ def api(hive) -> Iterator[httpx.Client]:
         yield client
 
 
+@pytest.fixture(scope="session")
+def finished_job(hive) -> str:
+    """A job that is over: its stream replays and closes."""
+    from tests.helpers import submit, wait_state
+
+    with httpx.Client(base_url=hive.url, timeout=30) as client:
+        job_id = submit(client, {"operation": "hive_list"})
+        wait_state(client, job_id, "completed")
+        return job_id
+
+
 TINY = "test/tiny-llama"
 
 

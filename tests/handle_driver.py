@@ -15,6 +15,7 @@ from ray import serve
 
 from actors.core.errors import RbeeError, rbee_cause
 from actors.core.events import Progress, Result, StreamEvent
+from actors.core.table import new_job_id
 
 
 async def error_of(call: Callable[[], Awaitable[Any]]) -> str:
@@ -63,16 +64,18 @@ async def main() -> None:
         async for _ in stream.remote(job_id):
             pass
 
+    never = new_job_id()
     bad = {"operation": "model_download", "model": repo, "typo": 1}
     absent = {"operation": "model_get", "model": "org/absent"}
     seen["errors"] = {
-        "job": await error_of(lambda: rbee.job.remote("job-never")),
-        "stream": await error_of(lambda: drain("job-never")),
+        "job": await error_of(lambda: rbee.job.remote(never)),
+        "stream": await error_of(lambda: drain(never)),
         "submit": await error_of(lambda: rbee.submit.remote(bad)),
         "jobs": await error_of(lambda: rbee.jobs.remote(state="sleeping")),
         "run": await error_of(lambda: rbee.run.remote(absent)),
-        "cancel": await error_of(lambda: rbee.cancel.remote("job-never")),
-        "cancel_wait": await error_of(lambda: rbee.cancel.remote("job-never", wait=True)),
+        "cancel": await error_of(lambda: rbee.cancel.remote(never)),
+        "cancel_wait": await error_of(lambda: rbee.cancel.remote(never, wait=True)),
+        "cancel_malformed": await error_of(lambda: rbee.cancel.remote("job-never")),
     }
     print(json.dumps(seen))
 

@@ -98,6 +98,19 @@ def wait_state(
     return dict(wait_for(lambda: (j := job(client, job_id))["state"] in states and j, timeout))
 
 
+def outside_address() -> str | None:
+    """An IPv4 address of this machine beyond loopback, or None if it has none."""
+    import socket
+
+    import psutil
+
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return str(address.address)
+    return None
+
+
 def pid_of(actor_name: str) -> int:
     """The pid of the alive actor of that name (to ``kill -9`` it)."""
     from ray.util.state import list_actors

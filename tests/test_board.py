@@ -184,22 +184,21 @@ def test_the_page_and_its_files(api):
         assert response.json()["error"]["code"] == "NOT_FOUND"
 
 
-def test_the_page_needs_no_token_and_the_board_does(hive):
+def test_the_page_and_the_board_need_the_token(hive):
     import ray
 
     from actors.naming import NAMESPACE, REGISTRY
 
     config = Config.load(env={"RBEE_API_TOKEN": "s3cret"})
     registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-    with TestClient(build_app(config, registry), client=("127.0.0.1", 50000)) as client:
-        assert client.get("/").status_code == 200
-        assert client.get("/ui/app.css").status_code == 200
-        for path in ("/v1/jobs/watch", "/v1/hives"):
+    with TestClient(build_app(config, registry), base_url="http://127.0.0.1", client=("127.0.0.1", 50000)) as client:
+        for path in ("/", "/ui/app.css", "/sw.js", "/v1/jobs/watch", "/v1/hives"):
             refused = client.get(path)
             assert refused.status_code == 401, path
             assert refused.json()["error"]["code"] == "UNAUTHORIZED"
         hives = client.get("/v1/hives", headers={"Authorization": "Bearer s3cret"})
         assert hives.status_code == 200 and hives.json()["hives"]
+        assert client.get("/ui/app.css", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
 def test_a_board_watcher_rides_through_a_registry_restart(api):

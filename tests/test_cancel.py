@@ -7,9 +7,11 @@ import re
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
+from actors.core.table import new_job_id
 from tests.helpers import job, read_sse, submit, wait_for, wait_state
 
 MiB = 1 << 20
@@ -93,25 +95,41 @@ def test_post_cancel_answers_202_at_once_and_is_idempotent(api, slow_hub, cache_
 
 
 def test_cancel_of_unknown_job_is_202_and_logged(api, ray_dir):
+    never = new_job_id()
     for response in (
-        api.post("/v1/jobs/job-never/cancel", headers={"X-Correlation-Id": "ghost-1"}),
-        api.post("/cancel", json={"job_id": "job-never"}, headers={"X-Correlation-Id": "ghost-2"}),
+        api.post(f"/v1/jobs/{never}/cancel", headers={"X-Correlation-Id": "ghost-1"}),
+        api.post("/cancel", json={"job_id": never}, headers={"X-Correlation-Id": "ghost-2"}),
     ):
         assert response.status_code == 202
-    assert api.delete("/v1/jobs/job-never").status_code == 404
+    assert api.delete(f"/v1/jobs/{never}").status_code == 404
 
     def warned():
         lines = []
         for path in (ray_dir / "session_latest" / "logs").glob("worker-*.err"):
-            lines += [x for x in path.read_text(errors="replace").splitlines() if "job-never" in x]
+            lines += [x for x in path.read_text(errors="replace").splitlines() if never in x]
         return len([x for x in lines if "ghost-" in x]) >= 2 and lines
 
     lines = wait_for(warned, timeout=20, interval=0.2)
     line = next(x for x in lines if "cid=ghost-1" in x)
-    assert "WARNING" in line and "job_id=job-never" in line and "rbee.jobs" in line
+    assert "WARNING" in line and f"job_id={never}" in line and "rbee.jobs" in line
 
 
-@pytest.mark.parametrize("body", [{}, {"job_id": ""}, {"job_id": "  "}, {"job_id": 5}, []])
+@pytest.mark.parametrize("job_id", ["job-never", "../../etc/passwd", "job-" + "0" * 36, new_job_id().upper()])
+def test_a_cancel_of_what_is_no_job_id_is_404(api, job_id):
+    """An id without the job-id form names no job: every cancel form answers 404 (a
+    well-formed unknown id stays 202), and nothing reaches the registry."""
+    in_path = quote(job_id, safe="")
+    for response in (
+        api.post(f"/v1/jobs/{in_path}/cancel"),
+        api.post("/cancel", json={"job_id": job_id}),
+        api.post("/v1/jobs/cancel", json={"job_ids": [new_job_id(), job_id]}),
+        api.delete(f"/v1/jobs/{in_path}"),
+    ):
+        assert response.status_code == 404, response.text
+        assert response.json()["error"]["code"] == "JOB_NOT_FOUND"
+
+
+@pytest.mark.parametrize("body", [{}, {"job_id": ""}, {"job_id": 5}, {"job_id": None}, []])
 def test_cancel_body_needs_a_job_id(api, body):
     response = api.post("/cancel", json=body)
     assert response.status_code == 422
@@ -170,9 +188,10 @@ def test_bulk_cancel_of_queued_jobs(api, slow_hub):
     for job_id in queued:
         record = wait_state(api, job_id, "cancelled", timeout=5)
         assert record["started_at"] is None
-    by_id = api.post("/v1/jobs/cancel", json={"job_ids": [*running, "job-ghost"]})
+    ghost = new_job_id()
+    by_id = api.post("/v1/jobs/cancel", json={"job_ids": [*running, ghost]})
     assert by_id.status_code == 202
-    assert by_id.json()["unknown"] == ["job-ghost"]
+    assert by_id.json()["unknown"] == [ghost]
     for job_id in running:
         wait_state(api, job_id, "cancelled", timeout=5)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import os
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 
 from actors.config import Config
 from serve_app.server.fast_path import WRAPPER, fast_path, haproxy_binary, wrapper_path
+from tests.helpers import outside_address
 
 RAY_VARS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_SERVE_HAPROXY_SOCKET_PATH")
 
@@ -37,7 +37,7 @@ def test_the_replica_port_answers_only_this_machine(api, hive):
     listening = {c.laddr.port for c in psutil.net_connections("tcp") if c.status == "LISTEN"}
     ports = sorted(p for p in range(low, high) if p in listening)
     assert ports, "the ingress replica listens on none of its ports"
-    outside = _non_loopback_address()
+    outside = outside_address()
     if outside is None:
         pytest.skip("this machine has no address but loopback")
     try:
@@ -50,12 +50,6 @@ def test_the_replica_port_answers_only_this_machine(api, hive):
     assert httpx.get(f"http://127.0.0.1:{ports[0]}/health", timeout=10).status_code == 200
 
 
-def _non_loopback_address() -> str | None:
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family == socket.AF_INET and not address.address.startswith("127."):
-                return str(address.address)
-    return None
 
 
 def test_the_wrapper_finds_the_real_haproxy_even_when_ray_points_at_it():
@@ -129,16 +123,17 @@ def test_a_loopback_server_refuses_other_machines_and_a_public_one_does_not():
 
     from serve_app.server.app import build_app
 
+    here = "http://127.0.0.1"
     loopback = build_app(Config.load(env={}), registry=None)
-    with TestClient(loopback, client=("192.0.2.9", 4000)) as outside:
+    with TestClient(loopback, base_url=here, client=("192.0.2.9", 4000)) as outside:
         refused = outside.get("/v1/jobs")
         assert refused.status_code == 403 and refused.json()["error"]["code"] == "FORBIDDEN"
     for address in ("127.0.0.1", "::1", "127.8.9.10"):
-        with TestClient(loopback, client=(address, 4000)) as inside:
+        with TestClient(loopback, base_url=here, client=(address, 4000)) as inside:
             assert inside.get("/nope").status_code == 404
     public = build_app(Config.load(env={}, server__host="0.0.0.0", server__api_token="t"), None)
-    with TestClient(public, client=("192.0.2.9", 4000)) as outside:
-        assert outside.get("/nope").status_code == 404
+    with TestClient(public, base_url=here, client=("192.0.2.9", 4000)) as outside:
+        assert outside.get("/nope", headers={"Authorization": "Bearer t"}).status_code == 404
 
 
 def test_headers_over_the_fronts_limit_are_a_400_and_the_server_goes_on(api):

@@ -55,8 +55,9 @@ def test_a_ray_driver_of_its_own_uses_rbee_through_the_app_handle(hive, hub):
         "submit": "InvalidRequest",
         "jobs": "InvalidRequest",
         "run": "ModelNotFound",
-        "cancel": "no error",  # as POST /v1/jobs/{id}/cancel: 202 for any id
+        "cancel": "no error",  # as POST /v1/jobs/{id}/cancel: 202 for any well-formed id
         "cancel_wait": "JobNotFound",  # as DELETE /v1/jobs/{id}: 404
+        "cancel_malformed": "JobNotFound",  # no job-id form: 404 on every route
     }
 
 

@@ -7,11 +7,14 @@ caller may retry. All of them survive ``pickle`` because Ray ships them between 
     ├── RequestError               BAD_REQUEST         400 (the caller's fault; never retriable)
     │   ├── MalformedBody          INVALID_JSON        400
     │   ├── Unauthorized           UNAUTHORIZED        401
+    │   ├── Forbidden              FORBIDDEN           403 (a foreign Host or Origin, a client
+    │   │                                                   beyond loopback)
     │   ├── NotFound               NOT_FOUND           404
     │   │   ├── JobNotFound        JOB_NOT_FOUND       404
     │   │   ├── JobFinished        JOB_FINISHED        404 (nothing left to cancel)
     │   │   └── ModelNotFound      MODEL_NOT_FOUND     404
     │   ├── BodyTooLarge           BODY_TOO_LARGE      413
+    │   ├── UnsupportedMediaType   UNSUPPORTED_MEDIA_TYPE 415
     │   └── InvalidRequest         INVALID_REQUEST     422
     │       └── UnsafePath         INVALID_REQUEST     422
     ├── JobCancelled               CANCELLED
@@ -77,6 +80,13 @@ class Unauthorized(RequestError):
     code = "UNAUTHORIZED"
 
 
+class Forbidden(RequestError):
+    """Who asks may not: a Host or an Origin the server does not answer to, or a client
+    beyond loopback when the server listens on loopback."""
+
+    code = "FORBIDDEN"
+
+
 class NotFound(RequestError):
     code = "NOT_FOUND"
 
@@ -95,6 +105,12 @@ class ModelNotFound(NotFound):
 
 class BodyTooLarge(RequestError):
     code = "BODY_TOO_LARGE"
+
+
+class UnsupportedMediaType(RequestError):
+    """A body that is not ``application/json`` (a web page's form or ``text/plain`` post)."""
+
+    code = "UNSUPPORTED_MEDIA_TYPE"
 
 
 class InvalidRequest(RequestError):

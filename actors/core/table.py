@@ -6,6 +6,7 @@ Nothing here knows about Ray; the registry actor owns one ``JobTable`` and drive
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -53,8 +54,17 @@ _FORGOTTEN_KEPT = 10_000
 """How many forgotten jobs the board remembers: a watcher further behind gets the whole board."""
 
 
+JOB_ID = re.compile(r"job-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+"""The form of every job id (``new_job_id``), matched with ``fullmatch``: anything else names
+no job, and is refused where it comes in (SPEC §7)."""
+
+
 def new_job_id() -> str:
     return f"job-{uuid.uuid4()}"
+
+
+def is_job_id(value: object) -> bool:
+    return isinstance(value, str) and JOB_ID.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)

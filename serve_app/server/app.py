@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from actors.config import Config
-from actors.core.errors import InvalidRequest, RbeeError, Unauthorized
-from actors.core.table import JobState
-from actors.operations import OPERATION_NAMES, check_id
+from actors.core.errors import InvalidRequest, JobNotFound, RbeeError
+from actors.core.table import JOB_ID, JobState, is_job_id
+from actors.operations import OPERATION_NAMES
 from serve_app import sse
 from serve_app.server.board import Board, Position
-from serve_app.server.errors import EXCEPTION_HANDLERS, error_body
+from serve_app.server.errors import EXCEPTION_HANDLERS
+from serve_app.server.guards import guarded
 from serve_app.server.jobstream import (
     End,
     Idle,
@@ -43,12 +43,10 @@ log = logging.getLogger("rbee.http")
 CID_HEADER = "x-correlation-id"
 # Every pattern here is used with ``fullmatch``: ``$`` would also match before a final newline.
 _CID_OK = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-_BEARER = re.compile(r"[ \t]*bearer[ \t]+([^ \t]+)[ \t]*", re.IGNORECASE | re.ASCII)
 # ASCII digits only (``str.isdigit`` passes '²' and other scripts' digits), few enough that
 # ``int()`` is cheap and the value fits in 64 bits.
 _COUNT = re.compile(r"[0-9]{1,18}")
 
-Handler = Callable[[Request], Awaitable[Response]]
 _HEALTH_DETAIL_S = 1.0
 
 
@@ -60,39 +58,28 @@ class Api:
         self.registry = registry
         self.jobs = JobStream(config, registry)
         self.board = Board(config, registry)
-        token = config.server.api_token
-        self._token = token.get_secret_value().encode() if token else None
+        self.openai = OpenAi(self.jobs).routes()
 
     def routes(self) -> list[BaseRoute]:
-        guard = self._guard
+        """Every route; who may call them is decided before (``serve_app.server.guards``).
+        A job id in a path has the job-id form (``{job_id:job}``), else no route is found."""
         return [
             Route("/health", self.health, methods=["GET"]),
-            Route("/v1/jobs", guard(self.submit), methods=["POST"]),
-            Route("/v1/jobs/cancel", guard(self.cancel_many), methods=["POST"]),
-            Route("/v1/jobs", guard(self.list_jobs), methods=["GET"]),
-            Route("/v1/jobs/watch", guard(self.watch), methods=["GET"]),
-            Route("/v1/hives", guard(self.hives), methods=["GET"]),
-            Route("/v1/jobs/{job_id}", guard(self.get_job), methods=["GET"]),
-            Route("/v1/jobs/{job_id}", guard(self.delete_job), methods=["DELETE"]),
-            Route("/v1/jobs/{job_id}/stream", guard(self.stream), methods=["GET"]),
-            Route("/v1/jobs/{job_id}/cancel", guard(self.cancel_job), methods=["POST"]),
-            Route("/cancel", guard(self.cancel_body), methods=["POST"]),
-            *OpenAi(self.jobs).routes(guard),
+            Route("/v1/jobs", self.submit, methods=["POST"]),
+            Route("/v1/jobs/cancel", self.cancel_many, methods=["POST"]),
+            Route("/v1/jobs", self.list_jobs, methods=["GET"]),
+            Route("/v1/jobs/watch", self.watch, methods=["GET"]),
+            Route("/v1/hives", self.hives, methods=["GET"]),
+            Route("/v1/jobs/{job_id:job}", self.get_job, methods=["GET"]),
+            Route("/v1/jobs/{job_id:job}", self.delete_job, methods=["DELETE"]),
+            Route("/v1/jobs/{job_id:job}/stream", self.stream, methods=["GET"]),
+            Route("/v1/jobs/{job_id:job}/cancel", self.cancel_job, methods=["POST"]),
+            # Any other id under /v1/jobs/ names no job: 404 before anything is asked.
+            Route("/v1/jobs/{job_id:rest}", self.no_such_job, methods=["GET", "POST", "DELETE"]),
+            Route("/cancel", self.cancel_body, methods=["POST"]),
+            *self.openai,
             *page_routes(),  # the page holds no data: what it shows comes through the API
         ]
-
-    def _guard(self, handler: Handler) -> Handler:
-        if self._token is None:
-            return handler
-        expected = self._token
-
-        async def guarded(request: Request) -> Response:
-            given = _bearer_token(request.headers.get("authorization", ""))
-            if given is None or not hmac.compare_digest(given, expected):
-                raise Unauthorized("a valid 'Authorization: Bearer <token>' header is required")
-            return await handler(request)
-
-        return guarded
 
     async def health(self, request: Request) -> Response:
         """200 once jobs can be taken; how the preloads stand rides along, never holding it up
@@ -155,9 +142,9 @@ class Api:
     async def cancel_body(self, request: Request) -> Response:
         body = await self.jobs.read_json(request)
         job_id = body.get("job_id") if isinstance(body, dict) else None
-        if not isinstance(job_id, str):
+        if not isinstance(job_id, str) or not job_id:
             raise InvalidRequest("'job_id' must be a non-empty string")
-        await self._cancel(request, [check_id(job_id, "job_id")])
+        await self._cancel(request, [check_job_id(job_id)])
         return JSONResponse({"job_id": job_id, "status": "cancelling"}, 202)
 
     async def cancel_many(self, request: Request) -> Response:
@@ -176,7 +163,7 @@ class Api:
         ):
             raise InvalidRequest("'job_ids' must be a list of job ids, alone")
         for job_id in job_ids or ():
-            check_id(job_id, "each of 'job_ids'")
+            check_job_id(job_id)
         if state not in (None, JobState.QUEUED.value, JobState.RUNNING.value):
             raise InvalidRequest("'state' must be 'queued' or 'running'")
         # Not ``in OPERATION_NAMES`` first: a list or an object is unhashable.
@@ -194,6 +181,9 @@ class Api:
         correlation id."""
         cid = correlation_id(request)
         return dict(await remote(self.registry.cancel.remote(job_ids, cid, **how)))
+
+    async def no_such_job(self, request: Request) -> Response:
+        raise _no_job(request.path_params["job_id"])
 
     async def stream(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -229,6 +219,17 @@ def _last_event_id(request: Request) -> int:
     return 0 if raw is None else _count(raw, "Last-Event-ID")
 
 
+def check_job_id(value: str) -> str:
+    """``value`` if it has the job-id form; else no job has it (``JobNotFound``, a 404)."""
+    if not is_job_id(value):
+        raise _no_job(value)
+    return value
+
+
+def _no_job(value: str) -> JobNotFound:
+    return JobNotFound(f"no job {value[:80]!r}: job ids look like 'job-<uuid>'")
+
+
 def _count(raw: str, what: str) -> int:
     if not _COUNT.fullmatch(raw):
         raise InvalidRequest(f"{what} must be a non-negative integer of 1 to 18 ASCII digits")
@@ -242,14 +243,6 @@ def _query(request: Request, name: str) -> str | None:
     if len(values) > 1:
         raise InvalidRequest(f"give the query parameter {name!r} at most once")
     return values[0] or None if values else None
-
-
-def _bearer_token(header: str) -> bytes | None:
-    """The token of ``Authorization: Bearer <token>`` (the scheme in any case, RFC 7235), as
-    the bytes sent; None for anything else."""
-    found = _BEARER.fullmatch(header)
-    # Starlette decodes header values as latin-1: encoding back gives the very bytes sent.
-    return found.group(1).encode("latin-1") if found else None
 
 
 class CorrelationIds:
@@ -275,44 +268,34 @@ class CorrelationIds:
         await self.app(scope, receive, send_with_cid)
 
 
-class LoopbackOnly:
-    """Answers only this machine's clients (403 to others): a server set to listen on
-    loopback still has its ingress replica's own port open on every interface under Serve's
-    HAProxy ingress, and HAProxy reaches the replica from loopback."""
+class JobIdConvertor(Convertor[str]):
+    """``{job_id:job}`` in a route's path: only the job-id form matches."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
+    regex = JOB_ID.pattern
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = scope.get("client")
-        if scope["type"] == "http" and client and not is_loopback(str(client[0])):
-            message = "this rbee server answers only its own machine (server.host is loopback)"
-            await JSONResponse(error_body("FORBIDDEN", message), 403)(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address, ``[::1]``, or a name) is this machine's loopback only."""
-    host = host.strip().removeprefix("[").removesuffix("]")
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False  # another name: it may resolve to any interface
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (not loopback to Python before 3.13)
-    return address.is_loopback
+class RestConvertor(JobIdConvertor):
+    """``{name:rest}``: the rest of the path, whatever it holds (a newline too)."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("job", JobIdConvertor())
+register_url_convertor("rest", RestConvertor())
 
 
 def build_app(config: Config, registry: Any) -> ASGIApp:
-    app: ASGIApp = Starlette(
-        routes=Api(config, registry).routes(),
-        exception_handlers=EXCEPTION_HANDLERS,
-    )
-    app = CorrelationIds(app)
-    return LoopbackOnly(app) if is_loopback(config.server.host) else app
+    api = Api(config, registry)
+    starlette = Starlette(routes=api.routes(), exception_handlers=EXCEPTION_HANDLERS)
+    starlette.router.redirect_slashes = False  # a redirect would be built from the Host header
+    openai_paths = {route.path for route in api.openai}
+    return CorrelationIds(guarded(starlette, config.server, openai_paths))
 
 
 __all__ = ["Api", "RbeeError", "build_app"]

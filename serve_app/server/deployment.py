@@ -30,8 +30,7 @@ from actors.cluster import ON_HEAD, ensure_cluster
 from actors.config import Config
 from actors.core.errors import InvalidRequest
 from actors.core.events import StreamEvent
-from actors.operations import check_id
-from serve_app.server.app import build_app
+from serve_app.server.app import build_app, check_job_id
 from serve_app.server.jobstream import (
     JobStream,
     check_cancelled,
@@ -103,7 +102,7 @@ class Ingress:
 def _check_job_id(job_id: Any) -> None:
     if not isinstance(job_id, str):
         raise InvalidRequest("job_id must be a string")
-    check_id(job_id, "job_id")
+    check_job_id(job_id)
 
 
 # Serve's decorators, applied as calls: a class decorator does not change what a type

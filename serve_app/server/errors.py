@@ -1,6 +1,11 @@
-"""Errors become HTTP here, and only here (SPEC §7)."""
+"""Errors become HTTP here, and only here (SPEC §7): one status table, and the two shapes an
+error is written in, rbee's (``{"error": {"code", "message"}}``) and, on the OpenAI routes,
+OpenAI's (``{"error": {"message", "type", "param", "code"}}``)."""
 
 from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Any
 
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException
@@ -12,8 +17,10 @@ from actors.core import errors
 STATUS: dict[type[errors.RbeeError], int] = {
     errors.MalformedBody: 400,
     errors.Unauthorized: 401,
+    errors.Forbidden: 403,
     errors.NotFound: 404,
     errors.BodyTooLarge: 413,
+    errors.UnsupportedMediaType: 415,
     errors.InvalidRequest: 422,
     errors.RequestError: 400,
     errors.JobCancelled: 409,  # a request waiting for its job's result, and the job was cancelled
@@ -38,10 +45,42 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"code": code, "message": message}}
 
 
+def openai_status(exc: errors.RbeeError) -> int:
+    """As on rbee's other routes, but a request refused is a 400, as on vLLM's server."""
+    return 400 if isinstance(exc, errors.InvalidRequest) else status_of(exc)
+
+
+def openai_body(exc: errors.RbeeError) -> dict[str, Any]:
+    """OpenAI's error object: ``message``, ``type``, ``param`` and ``code`` (rbee's)."""
+    return {
+        "error": {
+            "message": exc.message,
+            "type": _type_of(openai_status(exc)),
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+
+
+def _type_of(code: int) -> str:
+    name = HTTPStatus(code).phrase.replace(" ", "").replace("-", "")
+    return name if name.endswith("Error") else name + "Error"
+
+
+def response_for(
+    exc: errors.RbeeError, *, openai: bool = False, challenge: str = "Bearer"
+) -> JSONResponse:
+    """``exc`` as an HTTP answer, in OpenAI's shape on its routes; a 401 names the
+    credentials it wants (``challenge``: the page's files ask the browser for Basic)."""
+    status = openai_status(exc) if openai else status_of(exc)
+    body = openai_body(exc) if openai else error_body(exc.code, exc.message)
+    headers = {"WWW-Authenticate": challenge} if status == 401 else None
+    return JSONResponse(body, status, headers=headers)
+
+
 async def rbee_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, errors.RbeeError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthorized) else None
-    return JSONResponse(error_body(exc.code, exc.message), status_of(exc), headers=headers)
+    return response_for(exc)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -50,10 +89,14 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(code, str(exc.detail)), exc.status_code, headers=exc.headers)
 
 
-async def actor_gone(request: Request, exc: Exception) -> JSONResponse:
+def actor_gone_error(exc: RayActorError) -> errors.Unavailable:
     """An actor rbee needs died or is restarting (Ray restarts them): 503, try again."""
-    message = f"an rbee actor is restarting: {type(exc).__name__}; try again"
-    return JSONResponse(error_body(errors.Unavailable.code, message), 503)
+    return errors.Unavailable(f"an rbee actor is restarting: {type(exc).__name__}; try again")
+
+
+async def actor_gone(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RayActorError)
+    return response_for(actor_gone_error(exc))
 
 
 EXCEPTION_HANDLERS = {

@@ -36,9 +36,9 @@ from actors.core.store import JobStore
 from actors.core.table import JobState
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
-from serve_app.server.app import is_loopback
 from serve_app.server.deployment import APP_NAME, INGRESS
 from serve_app.server.fast_path import fast_path
+from serve_app.server.guards import is_loopback
 
 log = logging.getLogger("rbee.launch")
 

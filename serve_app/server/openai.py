@@ -20,7 +20,6 @@ from collections.abc import (
     Coroutine,
     Iterator,
 )
-from http import HTTPStatus
 from typing import Any, Literal, TypeVar
 
 from ray.exceptions import RayActorError
@@ -29,9 +28,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from actors.core.errors import InvalidRequest, RbeeError, Unavailable, error_class
+from actors.core.errors import InvalidRequest, RbeeError, error_class
 from actors.core.events import Error, Result, StreamEvent, Token
-from serve_app.server.errors import status_of
+from serve_app.server.errors import actor_gone_error, openai_body, response_for
 from serve_app.server.jobstream import Item, JobStream
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -48,11 +47,14 @@ class OpenAi:
     def __init__(self, jobs: JobStream) -> None:
         self._jobs = jobs
 
-    def routes(self, guard: Any) -> list[Route]:
+    def routes(self) -> list[Route]:
         return [
-            Route("/v1/models", _in_openai_shape(guard(self.models)), methods=["GET"]),
-            Route("/v1/completions", _in_openai_shape(guard(self.completions)), methods=["POST"]),
-            Route("/v1/chat/completions", _in_openai_shape(guard(self.chat)), methods=["POST"]),
+            Route(path, _in_openai_shape(handler), methods=[method])
+            for path, method, handler in (
+                ("/v1/models", "GET", self.models),
+                ("/v1/completions", "POST", self.completions),
+                ("/v1/chat/completions", "POST", self.chat),
+            )
         ]
 
     async def models(self, request: Request) -> Response:
@@ -180,7 +182,7 @@ def _wire(batch: list[Item]) -> Iterator[str]:
         elif isinstance(event, Result) and "usage_chunk" in event.value:
             yield f"data: {event.value['usage_chunk']}\n\n"
         elif isinstance(event, Error):
-            yield _sse(error_body(_error_of(event)))
+            yield _sse(openai_body(_error_of(event)))
 
 
 def _error_of(event: Error) -> RbeeError:
@@ -232,28 +234,6 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-def error_body(exc: RbeeError) -> dict[str, Any]:
-    """OpenAI's error object: ``message``, ``type``, ``param`` and ``code`` (rbee's)."""
-    return {
-        "error": {
-            "message": exc.message,
-            "type": _type_of(status(exc)),
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }
-
-
-def status(exc: RbeeError) -> int:
-    """As on rbee's other routes, but a request refused is a 400, as on vLLM's server."""
-    return 400 if isinstance(exc, InvalidRequest) else status_of(exc)
-
-
-def _type_of(code: int) -> str:
-    name = HTTPStatus(code).phrase.replace(" ", "").replace("-", "")
-    return name if name.endswith("Error") else name + "Error"
-
-
 def _in_openai_shape(handler: Handler) -> Handler:
     """Errors of the OpenAI routes in OpenAI's shape."""
 
@@ -261,13 +241,12 @@ def _in_openai_shape(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except RbeeError as exc:
-            headers = {"WWW-Authenticate": "Bearer"} if status(exc) == 401 else {}
-            if job_id := getattr(request.state, "job_id", None):
-                headers["X-Job-Id"] = job_id  # the request was a job: it is there to see
-            return JSONResponse(error_body(exc), status(exc), headers=headers)
+            response = response_for(exc, openai=True)
         except RayActorError as exc:
-            gone = Unavailable(f"an rbee actor is restarting: {type(exc).__name__}; try again")
-            return JSONResponse(error_body(gone), 503)
+            response = response_for(actor_gone_error(exc), openai=True)
+        if job_id := getattr(request.state, "job_id", None):
+            response.headers["X-Job-Id"] = job_id  # the request was a job: it is there to see
+        return response
 
     return handle
 
