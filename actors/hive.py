@@ -91,6 +91,11 @@ class Hive:
             return await self._workers.find_waiting(model, worker_id)
         return self._workers.find(model)
 
+    async def ready_workers(self) -> list[tuple[str, str]]:
+        """(model, actor name) of this hive's ready workers: the ingress's routes."""
+        await self._workers.settled()
+        return self._workers.ready()
+
     async def ensure_worker(self, model: str) -> str:
         """A ready worker for ``model``: waits for one that is loading, else starts one."""
         await self._workers.settled()

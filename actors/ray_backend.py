@@ -86,12 +86,14 @@ class RayBackend:
         finally:
             self._running.pop(record.job_id, None)
 
-    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any] | None:
+    async def stop(
+        self, record: JobRecord, accepted_at: float, actor: str | None = None
+    ) -> dict[str, Any] | None:
         running = self._running.get(record.job_id)
-        if running is None:
+        if running is None and actor is None:
             return None
-        actor, generator = running
-        confirmed = asyncio.ensure_future(actor.cancel.remote(record.job_id, accepted_at))
+        handle, generator = running if running is not None else (self._actor(actor or ""), None)
+        confirmed = asyncio.ensure_future(handle.cancel.remote(record.job_id, accepted_at))
         try:
             try:
                 result: dict[str, Any] = await asyncio.wait_for(
@@ -101,9 +103,10 @@ class RayBackend:
                 log.warning(
                     "%s: no cancel confirmed in %gs: cancelling the call", record.job_id, _CONFIRM_S
                 )
-                ray.cancel(generator)
+                if generator is not None:
+                    ray.cancel(generator)
                 result = await confirmed
-        except _GONE:  # the actor or its node died: the job ends as WORKER_DIED by itself
+        except (*_GONE, InvalidRequest):  # the actor or its node died: WORKER_DIED by itself
             return None
         return result
 
@@ -149,6 +152,14 @@ class RayBackend:
                 known = [n for n in (lengths.get(model["id"]), model["max_model_len"]) if n]
                 lengths[model["id"]] = max(known, default=None)
         return [{"id": m, "max_model_len": n} for m, n in sorted(lengths.items())]
+
+    async def routes(self) -> dict[str, list[str]]:
+        """The names of the ready workers of every alive hive, by model."""
+        by_model: dict[str, list[str]] = {}
+        for workers in (await self._ask_hives("ready_workers")).values():
+            for model, name in workers or ():
+                by_model.setdefault(model, []).append(name)
+        return by_model
 
     async def preloads(self) -> dict[str, dict[str, Any]]:
         """How every alive hive's preloads stand, by model."""

@@ -17,7 +17,7 @@ from actors.config import Config
 from actors.core import logs
 from actors.core.errors import JobNotFound
 from actors.core.events import StreamEvent
-from actors.core.jobs import Jobs
+from actors.core.jobs import Adoption, Ending, Jobs
 from actors.core.store import JobStore
 from actors.core.table import JobRecord, JobState, JobTable, Lease
 from actors.operations import parse_operation
@@ -85,9 +85,38 @@ class JobRegistry:
     async def submit(self, request: dict[str, Any], correlation_id: str) -> dict[str, Any]:
         op = parse_operation(request)
         record = self._jobs.submit(op, request, correlation_id)
-        self._metrics.submitted(record)
+        self._metrics.submitted(record.operation)
         self._store.save(record, [])
         return record.to_dict()
+
+    async def mail(self, items: list[Adoption | Ending]) -> None:
+        """What an ingress says that nothing waits for, in order, in one call: the jobs it
+        gave straight to workers (``Jobs.adopt``) and their ends (``Jobs.close``)."""
+        for item in items:
+            if isinstance(item, Adoption):
+                record = await self._jobs.adopt(parse_operation(item.request), item)
+                if record is not None:
+                    self._metrics.submitted(record.operation)
+            else:
+                await self.close(item)
+
+    async def close(self, ending: Ending) -> None:
+        """The end of an adopted job (from a worker whose answer stopped before its end)."""
+        adoption = ending.adoption
+        op = parse_operation(adoption.request) if adoption is not None else None
+        if op is not None and ending.job_id not in self._jobs.table:
+            self._metrics.submitted(op.operation)
+        await self._jobs.close(ending, op)
+
+    async def actor_gone(self, actor: str) -> None:
+        """A worker died (its hive saw it, or an ingress lost its answer): its adopted jobs
+        fail ``WORKER_DIED``."""
+        await self._jobs.actor_gone(actor)
+
+    async def routes(self) -> dict[str, list[str]]:
+        """The ready workers by model, for the ingress to answer OpenAI requests without
+        the registry (asked by many at once, answered once)."""
+        return dict(await self._shared("routes", self._backend.routes))
 
     async def job(self, job_id: str) -> dict[str, Any]:
         return self._jobs.get(job_id).to_dict()
@@ -208,8 +237,8 @@ class _Metrics:
             boundaries=[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5],
         )
 
-    def submitted(self, record: JobRecord) -> None:
-        self.jobs.inc(tags={"operation": record.operation, "state": "submitted"})
+    def submitted(self, operation: str) -> None:
+        self.jobs.inc(tags={"operation": operation, "state": "submitted"})
 
     def terminal(self, record: JobRecord) -> None:
         self.jobs.inc(tags={"operation": record.operation, "state": record.state.value})

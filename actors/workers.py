@@ -14,6 +14,7 @@ processes and ``/dev/shm`` segments behind; the hive ends and removes them.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 import time
 import uuid
@@ -43,7 +44,7 @@ from actors.core.errors import (
 )
 from actors.core.events import Event, Narration, Result
 from actors.inference_actor import InferenceActor
-from actors.naming import NAMESPACE, worker_name
+from actors.naming import NAMESPACE, REGISTRY, worker_name
 from actors.procs import Leftovers
 from actors.remote import actor_class
 
@@ -165,6 +166,10 @@ class WorkerPool:
 
     def list(self) -> list[dict[str, Any]]:
         return [w.describe() for w in self._workers.values()]
+
+    def ready(self) -> builtins.list[tuple[str, str]]:
+        """(model, actor name) of every ready worker."""
+        return [(w.model, worker_name(w.worker_id)) for w in self._workers.values() if w.ready]
 
     def find(self, model: str, worker_id: str | None = None) -> str | None:
         """The actor name of a ready worker for ``model`` (or of ``worker_id``)."""
@@ -318,6 +323,7 @@ class WorkerPool:
                     del self._workers[worker.worker_id]
                     log.warning("worker %s (%s) died: %s", worker.worker_id, worker.model, exc)
                     self._note(worker, "failed", WorkerDied(f"worker {worker.worker_id} died"))
+                    _tell_registry(worker_name(worker.worker_id))
                     await self._sweep(worker)
 
         task = asyncio.create_task(watch())
@@ -439,6 +445,14 @@ class WorkerPool:
         except Exception as exc:  # dead or stuck: it goes either way
             log.warning("worker shutdown failed: %r", exc)
         ray.kill(actor)
+
+
+def _tell_registry(actor: str) -> None:
+    """The registry fails the jobs the ingress gave straight to a worker that died."""
+    try:
+        ray.get_actor(REGISTRY, namespace=NAMESPACE).actor_gone.remote(actor)
+    except Exception as exc:  # restarting: it fails its running jobs itself
+        log.warning("could not tell the registry that %s died: %r", actor, exc)
 
 
 def _load_error(worker: Worker, exc: BaseException) -> RbeeError:

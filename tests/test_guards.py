@@ -23,8 +23,10 @@ from starlette.testclient import TestClient
 from actors.config import Config
 from actors.core import logs
 from actors.core.table import new_job_id
+from actors.registry_client import Registry
 from serve_app.server.app import Api, build_app
 from serve_app.server.guards import Authority, HostRule
+from serve_app.server.jobstream import JobStream
 from tests.helpers import job, random_model, submit, wait_for, wait_state
 
 FOREIGN_HOSTS = [
@@ -75,7 +77,8 @@ BODIES: dict[str, Any] = {
 def _routes() -> list[tuple[str, str]]:
     """(method, path template) of every route the app has, the page's files included."""
     out = []
-    for route in Api(Config.load(env={}), registry=None).routes():
+    config = Config.load(env={})
+    for route in Api(config, JobStream(config, Registry(None))).routes():
         if isinstance(route, Mount):
             out += [("GET", f"{route.path}/app.js"), ("HEAD", f"{route.path}/app.css")]
         else:

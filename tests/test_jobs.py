@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 
 from actors.core.errors import DownloadFailed, JobNotFound
-from actors.core.events import Narration, Progress, Result, payload
-from actors.core.jobs import Jobs
-from actors.core.table import JobState, JobTable
+from actors.core.events import Narration, Progress, Result, StreamEvent, Token, pack, payload
+from actors.core.jobs import Adoption, Ending, Jobs
+from actors.core.table import JobState, JobTable, new_job_id
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class LocalBackend:
         self.stopped: list[str] = []
         self.tasks: dict[str, asyncio.Task] = {}
         self.gate = asyncio.Event()
+        self.handed: dict[str, list] = {}
 
     async def start(self, record, op, lease):
         self.started.append(record.job_id)
@@ -41,8 +42,10 @@ class LocalBackend:
             raise DownloadFailed("connection reset")
         yield Result({"done": True})
 
-    async def stop(self, record, accepted_at):
+    async def stop(self, record, accepted_at, actor=None):
         self.stopped.append(record.job_id)
+        if actor is not None:  # an adopted job: its actor hands over what it numbered
+            return {"last_token_after_cancel_s": -0.01, "events": self.handed.get(record.job_id, [])}
         task = self.tasks.get(record.job_id)
         if task is not None:
             task.cancel()
@@ -149,7 +152,7 @@ async def test_no_event_after_the_terminal_one(jobs, backend):
 
 
 async def test_a_stop_that_hangs_still_ends_the_job(backend):
-    async def hang(record, accepted_at):
+    async def hang(record, accepted_at, actor=None):
         await asyncio.sleep(30)
 
     backend.stop = hang
@@ -173,3 +176,67 @@ async def test_narration_passes_through(jobs, backend):
     await _until(lambda: record.state.terminal)
     assert record.state is JobState.COMPLETED
     assert payload(jobs.table.events(record.job_id)[0].event)["message"] == "hello"
+
+
+# -- jobs the ingress gave straight to a worker (``adopt``, ``close``) --------------------
+
+
+def _adoption(job_id: str, actor: str = "rbee:worker:w") -> Adoption:
+    return Adoption(job_id, {"model": "m"}, "cid", actor, 1.0)
+
+
+async def test_an_adopted_job_runs_on_its_actor_and_ends_with_its_events(jobs, backend):
+    job_id = new_job_id()
+    record = await jobs.adopt(Op("infer"), _adoption(job_id))
+    assert record.state is JobState.RUNNING and backend.started == []  # nothing here drives it
+    assert record.created_at == 1.0
+    events = [StreamEvent(1, Token("a", 1)), StreamEvent(2, Result({"text": "a"}))]
+    await jobs.close(Ending(job_id, pack(events), JobState.COMPLETED))
+    assert record.state is JobState.COMPLETED and record.result == {"text": "a"}
+    assert [e.id for e in jobs.table.events(job_id)] == [1, 2]
+    await jobs.close(Ending(job_id, [], JobState.FAILED))  # a second word changes nothing
+    assert record.state is JobState.COMPLETED
+
+
+async def test_an_end_with_its_adoption_is_recorded_where_the_adoption_never_came(jobs):
+    """A registry that restarted while the job ran hears only of its end."""
+    job_id = new_job_id()
+    events = pack([StreamEvent(1, Result({"text": ""}))])
+    await jobs.close(Ending(job_id, events, JobState.COMPLETED, _adoption(job_id)), Op("infer"))
+    assert jobs.get(job_id).state is JobState.COMPLETED
+    assert await jobs.adopt(Op("infer"), _adoption(job_id)) is None  # a late adoption: no-op
+    await jobs.close(Ending(new_job_id(), events, JobState.COMPLETED))  # no adoption: dropped
+
+
+async def test_a_cancel_of_an_adopted_job_takes_its_events_from_the_actor(jobs, backend):
+    job_id = new_job_id()
+    await jobs.adopt(Op("infer"), _adoption(job_id))
+    backend.handed[job_id] = pack([StreamEvent(1, Token("a", 1)), StreamEvent(2, Token("b", 2))])
+    assert await jobs.cancel(job_id) is True
+    kinds = [(e.id, e.event.kind) for e in jobs.table.events(job_id)]
+    assert kinds[:2] == [(1, "token"), (2, "token")]
+    assert [k for _, k in kinds[2:]] == ["narration", "narration", "error"]  # cancel, complete
+    assert [i for i, _ in kinds] == list(range(1, 6))
+    # The actor's own word of the end, after: the job keeps the registry's.
+    await jobs.close(Ending(job_id, [], JobState.CANCELLED))
+    assert jobs.get(job_id).state is JobState.CANCELLED
+
+
+async def test_a_client_gone_ends_an_adopted_job_cancelled_with_the_cancel_narration(jobs):
+    job_id = new_job_id()
+    await jobs.adopt(Op("infer"), _adoption(job_id))
+    await jobs.close(Ending(job_id, pack([StreamEvent(1, Token("a", 1))]), JobState.CANCELLED))
+    record = jobs.get(job_id)
+    assert record.state is JobState.CANCELLED and record.error["code"] == "CANCELLED"
+    actions = [e.event.action for e in jobs.table.events(job_id) if e.event.kind == "narration"]
+    assert actions == ["cancel", "cancel_complete"]
+
+
+async def test_the_adopted_jobs_of_a_dead_actor_fail_worker_died(jobs):
+    ids = [new_job_id() for _ in range(3)]
+    for job_id, actor in zip(ids, ("rbee:worker:a", "rbee:worker:a", "rbee:worker:b"), strict=True):
+        await jobs.adopt(Op("infer"), _adoption(job_id, actor))
+    await jobs.actor_gone("rbee:worker:a")
+    states = [jobs.get(j).state for j in ids]
+    assert states == [JobState.FAILED, JobState.FAILED, JobState.RUNNING]
+    assert jobs.get(ids[0]).error == {"code": "WORKER_DIED", "message": "rbee:worker:a died while running the job", "retriable": True}

@@ -51,11 +51,24 @@ async def test_early_cancels_are_bounded_and_never_count_as_running():
             pass
 
 
-async def _events(*gaps_s: float):
-    """A StreamEvent after each gap."""
+async def _events(*gaps_s: float, narrate_first: bool = False):
+    """A token after each gap (a narration first, if asked)."""
     for n, gap in enumerate(gaps_s, 1):
         await asyncio.sleep(gap)
-        yield StreamEvent(n, Narration("test", "tick", f"tick {n}"))
+        if narrate_first and n == 1:
+            yield StreamEvent(n, Narration("test", "generate", "starting"))
+            continue
+        yield StreamEvent(n, Token(f"t{n}", n))
+
+
+async def test_a_narration_holds_no_token_back():
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    got = []
+    async for batch in batched(_events(0.0, 0.02, 0.2, narrate_first=True), linger_s=0.1):
+        got.append((loop.time() - start, [e.id for e in batch]))
+    assert got[0][1] == [1] and got[1][1] == [2]
+    assert got[1][0] < 0.06  # the first token came 20 ms after the narration: sent at once
 
 
 async def test_batched_sends_an_event_after_a_quiet_spell_at_once_and_then_at_most_one_list_per_linger():

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from actors.adapters.openai_serving import OpenAiServing
 from actors.config import EngineConfig
 from actors.core.errors import InvalidRequest, ModelLoadFailed
-from actors.core.events import Event, Narration, Result, StreamEvent, Token
+from actors.core.events import Event, Narration, Result, StreamEvent, Token, pack
 from actors.core.running import Run, Runs
 from actors.operations import Infer, OpenAiCall
 
@@ -303,13 +303,20 @@ class EngineWorker:
             pass
 
     async def run(
-        self, job_id: str, op: Infer, correlation_id: str | None = None, first_id: int = 1
+        self,
+        job_id: str,
+        op: Infer,
+        correlation_id: str | None = None,
+        first_id: int = 1,
+        *,
+        direct: bool = False,
     ) -> AsyncIterator[StreamEvent]:
         async for event in self._runs.run(
             job_id,
             lambda run: self._generate(job_id, op, run, correlation_id),
             first_id,
             correlation_id,
+            direct=direct,
         ):
             yield event
 
@@ -415,12 +422,14 @@ class EngineWorker:
             tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         )
 
-    async def cancel(
-        self, job_id: str, accepted_at: float | None = None
-    ) -> dict[str, float | None]:
-        """Stop a generation and wait until vLLM has aborted it."""
+    async def cancel(self, job_id: str, accepted_at: float | None = None) -> dict[str, Any]:
+        """Stop a generation and wait until vLLM has aborted it; the events of one answered
+        straight to the ingress go with the answer (the registry has none of them)."""
         run = await self._runs.cancel(job_id, accepted_at)
-        return {"last_token_after_cancel_s": run.output_after_cancel_s()}
+        stopped: dict[str, Any] = {"last_token_after_cancel_s": run.output_after_cancel_s()}
+        if run.direct:
+            stopped["events"] = pack(list(run.feed))
+        return stopped
 
     def stats(self) -> dict[str, Any]:
         engine = self._engine

@@ -11,11 +11,19 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from actors.core import logs
-from actors.core.errors import InternalError, JobCancelled, JobNotFound, RbeeError, rbee_cause
-from actors.core.events import Error, Event, Narration, Result, StreamEvent
+from actors.core.errors import (
+    InternalError,
+    JobCancelled,
+    JobNotFound,
+    RbeeError,
+    WorkerDied,
+    rbee_cause,
+)
+from actors.core.events import Error, Event, Narration, Packed, Result, StreamEvent, unpack
 from actors.core.logs import context
 from actors.core.table import IllegalTransition, JobRecord, JobState, JobTable
 
@@ -30,6 +38,29 @@ Lease = Callable[[str], Awaitable[int]]
 job's events from the id it returns, until the job's events end."""
 
 
+@dataclass(frozen=True, slots=True)
+class Adoption:
+    """A job the ingress gave straight to ``actor`` (an OpenAI request to a worker)."""
+
+    job_id: str
+    request: dict[str, Any]
+    correlation_id: str
+    actor: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """The end of an adopted job: its events (packed: ``events.pack``) and state; with its
+    ``adoption`` when the ingress sends it, so a registry that restarted meanwhile (and
+    never heard of the job) records it all the same."""
+
+    job_id: str
+    events: Packed
+    state: JobState
+    adoption: Adoption | None = None
+
+
 class Backend(Protocol):
     def start(
         self, record: JobRecord, op: Any, lease: Lease
@@ -38,9 +69,12 @@ class Backend(Protocol):
         numbered ones of the actor it leased the job to, in lists."""
         ...
 
-    async def stop(self, record: JobRecord, accepted_at: float) -> dict[str, Any] | None:
+    async def stop(
+        self, record: JobRecord, accepted_at: float, actor: str | None = None
+    ) -> dict[str, Any] | None:
         """Stop running work and wait (briefly) until it has cleaned up; None if no actor
-        was running it yet.
+        was running it yet. ``actor``: the one an adopted job runs on (``Jobs.adopt``); its
+        answer's ``events`` are the job's events it numbered.
 
         ``accepted_at`` (wall clock) is when the cancel was accepted: the worker reports its
         last output relative to it.
@@ -65,12 +99,66 @@ class Jobs:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._cancels: dict[str, asyncio.Task[bool]] = {}
         self._on_terminal = on_terminal
+        self._adopted: dict[str, str] = {}  #: job -> the actor it runs on, till it ends
 
     def submit(self, op: Any, request: dict[str, Any], correlation_id: str) -> JobRecord:
         """Create the job and start driving it; returns at once."""
         record = self.table.create(op.operation, request, correlation_id)
         self._tasks[record.job_id] = asyncio.create_task(self._drive(record, op))
         return record
+
+    async def adopt(self, op: Any, adoption: Adoption) -> JobRecord | None:
+        """A job already running on its actor: nothing here drives it. Its record is
+        running, its events leased to that actor from the first id, and its end comes with
+        ``close``; None if its end came first (it is recorded then)."""
+        if adoption.job_id in self.table:
+            return None
+        record = self.table.create(
+            op.operation, adoption.request, adoption.correlation_id, adoption.job_id,
+            created_at=adoption.created_at,
+        )  # fmt: skip
+        await self.table.transition(adoption.job_id, JobState.RUNNING)
+        await self.table.lease(adoption.job_id, adoption.actor)
+        self._adopted[adoption.job_id] = adoption.actor
+        return record
+
+    async def close(self, ending: Ending, op: Any = None) -> None:
+        """The end of an adopted job, as the ingress (or the worker, when the answer
+        stopped before its end) saw it. A job that ended here already keeps its end; one
+        never adopted here (a restart in between) is recorded from ``ending.adoption``."""
+        job_id = ending.job_id
+        if job_id not in self.table:
+            if ending.adoption is None or op is None:
+                log.warning("the end of an unknown job", extra={"rbee_job": context(job_id, None)})
+                return
+            await self.adopt(op, ending.adoption)
+        record = self.get(job_id)
+        if record.state.terminal or job_id in self._cancels:
+            return
+        self._adopted.pop(job_id, None)
+        await self.table.record_events(job_id, unpack(ending.events))
+        await self.table.release(job_id)
+        if ending.state is JobState.CANCELLED:
+            self.table.cancel_requested(job_id)
+            cid = record.correlation_id
+            gone = Narration(ACTOR, "cancel", "the client went away", correlation_id=cid)
+            await self.table.emit(job_id, gone)
+            await self._end_cancelled(record, cid, "stopped as the client went away")
+            return
+        await self._finish(record, ending.state)
+
+    async def actor_gone(self, actor: str) -> None:
+        """Fail every adopted job of an actor that died (``WORKER_DIED``, retriable)."""
+        error = WorkerDied(f"{actor} died while running the job")
+        for job_id in [j for j, a in self._adopted.items() if a == actor]:
+            record = self.table.get(job_id)
+            if record is None or record.state.terminal:
+                self._adopted.pop(job_id, None)
+                continue
+            await self.table.release(job_id)
+            await self.table.emit(job_id, Error(**error.to_dict()))
+            self._adopted.pop(job_id, None)
+            await self._finish(record, JobState.FAILED)
 
     def get(self, job_id: str) -> JobRecord:
         record = self.table.get(job_id)
@@ -105,11 +193,14 @@ class Jobs:
         )
         detail, stopped = "", None
         if was is JobState.RUNNING:
+            adopted = self._adopted.pop(record.job_id, None)
             try:
                 stopped = await asyncio.wait_for(
-                    self._backend.stop(record, accepted_at), self._cleanup_s
+                    self._backend.stop(record, accepted_at, adopted), self._cleanup_s
                 )
                 detail = _describe_stop(stopped or {})
+                if stopped and stopped.get("events"):  # packed (``events.pack``)
+                    await self.table.record_events(record.job_id, unpack(stopped["events"]))
             except TimeoutError:
                 detail = f"; cleanup did not confirm within {self._cleanup_s:g}s"
             except Exception as exc:  # the worker may have died; the job still ends
@@ -126,19 +217,16 @@ class Jobs:
         await self.table.release(record.job_id)
         took_ms = (time.monotonic() - accepted) * 1000
         log.info("cancelled in %.0f ms", took_ms, extra={"rbee_job": context(record.job_id, cid)})
+        await self._end_cancelled(record, cid, f"cancelled in {took_ms:.0f} ms{detail}")
+        return True
+
+    async def _end_cancelled(self, record: JobRecord, cid: str | None, said: str) -> None:
         await self.table.emit(
-            record.job_id,
-            Narration(
-                ACTOR,
-                "cancel_complete",
-                f"cancelled in {took_ms:.0f} ms{detail}",
-                correlation_id=cid,
-            ),
+            record.job_id, Narration(ACTOR, "cancel_complete", said, correlation_id=cid)
         )
         error = JobCancelled("cancelled on request")
         await self.table.emit(record.job_id, Error(**error.to_dict()))
         await self._finish(record, JobState.CANCELLED)
-        return True
 
     async def _drive(self, record: JobRecord, op: Any) -> None:
         logs.bind(record.job_id, record.correlation_id)  # this task is the job's own

@@ -18,9 +18,11 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.core import logs
-from actors.core.events import Event, StreamEvent, Token
+from actors.core.events import Error, Event, Packed, Result, StreamEvent, Token, pack
+from actors.core.table import JobState
 
 FEED_EVENTS = 10_000
 """The most events a run keeps for watchers; one who falls further behind reads the registry."""
@@ -44,6 +46,7 @@ class Run:
     last_id: int = 0  #: the id of its latest event (``first_id - 1`` before any)
     feed: deque[StreamEvent] = field(default_factory=lambda: deque(maxlen=FEED_EVENTS))
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    direct: bool = False  #: answered straight to the ingress: the registry has none of its events
 
     def output_after_cancel_s(self) -> float | None:
         """When the last output came, relative to the cancel (negative: before it)."""
@@ -68,6 +71,32 @@ class Run:
         return [feed[i] for i in range(start, len(feed))]
 
 
+@dataclass
+class Ended:
+    """How a directly answered job ended: its events, its state, and what is left to
+    write (``tail``) or the answer to render instead (``answer``).
+
+    It travels with its events packed (``events.pack``): the ingress only hands them on to
+    the registry (``packed``; ``events`` is the worker's own list)."""
+
+    events: list[StreamEvent] = field(default_factory=list)
+    state: JobState = JobState.FAILED
+    tail: bytes = b""
+    answer: Result | Error | None = None
+    handed: bool = False  #: the ingress has it (and tells the registry); else the worker does
+    packed: Packed | None = None
+
+    def packed_events(self) -> Packed:
+        return self.packed if self.packed is not None else pack(self.events)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_ended, (self.packed_events(), self.state, self.tail, self.answer))
+
+
+def _ended(packed: Packed, state: JobState, tail: bytes, answer: Result | Error | None) -> Ended:
+    return Ended(state=state, tail=tail, answer=answer, packed=packed)
+
+
 class Runs:
     def __init__(self, *, clock: Callable[[], float] = time.time, remember: int = 1000) -> None:
         self._clock = clock
@@ -86,14 +115,18 @@ class Runs:
         body: Callable[[Run], AsyncGenerator[Event, None]],
         first_id: int = 1,
         correlation_id: str | None = None,
+        *,
+        direct: bool = False,
     ) -> AsyncGenerator[StreamEvent, None]:
         """Iterate ``body(run)`` as job ``job_id``, its events numbered from ``first_id``,
         so ``cancel(job_id)`` can stop it and ``watch(job_id)`` can follow it. What the task
-        iterating it logs names the job."""
+        iterating it logs names the job. ``direct``: the job is answered straight to the
+        ingress (its cancel hands its events over)."""
         logs.bind(job_id, correlation_id)
         early = self._early.pop(job_id) if job_id in self._early else Run()
         run = self._running.setdefault(job_id, early)
         run.task = asyncio.current_task()
+        run.direct = direct
         run.first_id, run.last_id = first_id, first_id - 1
         arrival = self._arrivals.pop(job_id, None)
         if arrival is not None and not arrival.done():
@@ -203,10 +236,10 @@ _END = object()
 async def batched(
     events: AsyncIterable[StreamEvent], *, linger_s: float = 0.0, max_items: int = 4096
 ) -> AsyncGenerator[list[StreamEvent], None]:
-    """The same events, in lists, at most one list per ``linger_s``: an event after a quiet
-    spell goes at once (a first token is not held back), one that follows closely waits
-    for the rest of the period with whatever piles up (the end of the events cuts the wait
-    short).
+    """The same events, in lists, at most one list of tokens per ``linger_s``: an event
+    after a quiet spell goes at once (a first token is not held back, nor by the narration
+    before it), one that follows a list of tokens closely waits for the rest of the period
+    with whatever piles up (the end of the events cuts the wait short).
 
     Each item a Ray streaming call yields costs an object and a report to its owner; the
     registry takes a job's events this way, in bulk, off the path of its tokens. Events
@@ -249,7 +282,8 @@ async def batched(
                 if queue.empty() or len(batch) >= max_items:
                     break
                 item = queue.get_nowait()
-            last = clock()
+            if any(isinstance(e.event, Token) for e in batch):  # a narration holds no token back
+                last = clock()
             yield batch
     finally:
         task.cancel()

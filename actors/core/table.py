@@ -227,13 +227,22 @@ class JobTable:
     def __contains__(self, job_id: object) -> bool:
         return job_id in self._jobs
 
-    def create(self, operation: str, request: dict[str, Any], correlation_id: str) -> JobRecord:
+    def create(
+        self,
+        operation: str,
+        request: dict[str, Any],
+        correlation_id: str,
+        job_id: str | None = None,
+        *,
+        created_at: float | None = None,
+    ) -> JobRecord:
+        """A new queued job (``job_id``: one its caller made, else a new one)."""
         record = JobRecord(
-            job_id=new_job_id(),
+            job_id=job_id or new_job_id(),
             operation=operation,
             request=request,
             correlation_id=correlation_id,
-            created_at=self._clock(),
+            created_at=created_at if created_at is not None else self._clock(),
         )
         self._jobs[record.job_id] = _Entry(record, EventLog(self._max_events), asyncio.Condition())
         self._forget_oldest()

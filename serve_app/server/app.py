@@ -19,6 +19,7 @@ from actors.config import Config
 from actors.core.errors import InvalidRequest, JobNotFound, RbeeError
 from actors.core.table import JOB_ID, JobState, is_job_id
 from actors.operations import OPERATION_NAMES
+from actors.registry_client import CancelAnswer, Registry
 from serve_app import sse
 from serve_app.server.board import Board, Position
 from serve_app.server.errors import EXCEPTION_HANDLERS
@@ -32,8 +33,6 @@ from serve_app.server.jobstream import (
     check_listing,
     correlation_id,
     new_correlation_id,
-    read,
-    remote,
 )
 from serve_app.server.openai import OpenAi
 from serve_app.server.page import page_routes
@@ -51,13 +50,13 @@ _HEALTH_DETAIL_S = 1.0
 
 
 class Api:
-    """The routes, bound to one registry handle and one config."""
+    """The routes, bound to one registry and one config."""
 
-    def __init__(self, config: Config, registry: Any) -> None:
+    def __init__(self, config: Config, jobs: JobStream) -> None:
         self.config = config
-        self.registry = registry
-        self.jobs = JobStream(config, registry)
-        self.board = Board(config, registry)
+        self.registry = jobs.registry
+        self.jobs = jobs
+        self.board = Board(config, jobs.registry)
         self.openai = OpenAi(self.jobs).routes()
 
     def routes(self) -> list[BaseRoute]:
@@ -84,11 +83,11 @@ class Api:
     async def health(self, request: Request) -> Response:
         """200 once jobs can be taken; how the preloads stand rides along, never holding it up
         (a preload that failed is reported here and the server keeps serving)."""
-        await remote(self.registry.ready.remote())
+        await self.registry.ready()
         body: dict[str, Any] = {"status": "ok"}
         try:
             body["preload"] = await asyncio.wait_for(
-                remote(self.registry.preloads.remote()), _HEALTH_DETAIL_S
+                self.registry.preloads(), _HEALTH_DETAIL_S
             )
         except Exception as exc:  # a hive busy or gone: health stays about taking jobs
             log.info("health: preload states unavailable: %r", exc)
@@ -106,7 +105,7 @@ class Api:
         state, operation = _query(request, "state"), _query(request, "operation")
         limit = _count(_query(request, "limit") or "100", "limit")
         check_listing(state, operation, limit)
-        jobs = await read(lambda: self.registry.jobs.remote(state, operation, limit))
+        jobs = await self.registry.jobs(state=state, operation=operation, limit=limit)
         return JSONResponse({"jobs": jobs})
 
     async def watch(self, request: Request) -> Response:
@@ -123,11 +122,11 @@ class Api:
 
     async def hives(self, request: Request) -> Response:
         """Every alive node's hive: what ``hive_list`` gives, without making a job of it."""
-        return JSONResponse({"hives": await remote(self.registry.hives.remote())})
+        return JSONResponse({"hives": await self.registry.hives()})
 
     async def get_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
-        return JSONResponse(await read(lambda: self.registry.job.remote(job_id)))
+        return JSONResponse(await self.registry.job(job_id))
 
     async def delete_job(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
@@ -172,15 +171,14 @@ class Api:
         ):
             raise InvalidRequest(f"operation must be one of {sorted(OPERATION_NAMES)}")
         answer = await self._cancel(request, job_ids, state=state, operation=operation)
-        return JSONResponse({"status": "cancelling", **answer}, 202)
+        return JSONResponse({"status": "cancelling", **answer.to_dict()}, 202)
 
     async def _cancel(
         self, request: Request, job_ids: list[str] | None, **how: Any
-    ) -> dict[str, list[str]]:
+    ) -> CancelAnswer:
         """Behind every cancel route: the registry's one cancel, with the request's
         correlation id."""
-        cid = correlation_id(request)
-        return dict(await remote(self.registry.cancel.remote(job_ids, cid, **how)))
+        return await self.registry.cancel(job_ids, correlation_id=correlation_id(request), **how)
 
     async def no_such_job(self, request: Request) -> Response:
         raise _no_job(request.path_params["job_id"])
@@ -188,7 +186,7 @@ class Api:
     async def stream(self, request: Request) -> Response:
         job_id = request.path_params["job_id"]
         after = _last_event_id(request)
-        await read(lambda: self.registry.job.remote(job_id))
+        await self.registry.job(job_id)
         return _event_stream(self._events(job_id, after))
 
     async def _events(self, job_id: str, after: int) -> AsyncIterator[str]:
@@ -290,8 +288,10 @@ register_url_convertor("job", JobIdConvertor())
 register_url_convertor("rest", RestConvertor())
 
 
-def build_app(config: Config, registry: Any) -> ASGIApp:
-    api = Api(config, registry)
+def build_app(config: Config, registry: Any, jobs: JobStream | None = None) -> ASGIApp:
+    """The ingress's ASGI app on ``registry`` (an actor handle), answering through ``jobs``
+    when given (the Serve handles' own: one queue of words to the registry)."""
+    api = Api(config, jobs or JobStream(config, Registry(registry)))
     starlette = Starlette(routes=api.routes(), exception_handlers=EXCEPTION_HANDLERS)
     starlette.router.redirect_slashes = False  # a redirect would be built from the Host header
     openai_paths = {route.path for route in api.openai}

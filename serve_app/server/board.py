@@ -19,7 +19,7 @@ from ray.exceptions import RayActorError
 
 from actors.config import Config
 from actors.core.errors import InvalidRequest
-from serve_app.server.jobstream import RETRY_S, remote
+from actors.registry_client import RETRY_S, Registry
 
 log = logging.getLogger("rbee.board")
 
@@ -48,7 +48,7 @@ class Position:
 
 
 class Board:
-    def __init__(self, config: Config, registry: Any) -> None:
+    def __init__(self, config: Config, registry: Registry) -> None:
         self._keepalive_s = config.server.keepalive_s
         self.registry = registry
 
@@ -64,8 +64,8 @@ class Board:
         while True:
             asked = loop.time()
             try:
-                changes = await remote(
-                    self.registry.board.remote(at.seq, limit, self._keepalive_s, at.epoch)
+                changes = await self.registry.board(
+                    after=at.seq, limit=limit, poll_s=self._keepalive_s, epoch=at.epoch
                 )
             except RayActorError as exc:
                 log.info("jobs board: the registry is restarting: %r", exc)

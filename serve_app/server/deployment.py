@@ -30,14 +30,13 @@ from actors.cluster import ON_HEAD, ensure_cluster
 from actors.config import Config
 from actors.core.errors import InvalidRequest
 from actors.core.events import StreamEvent
+from actors.registry_client import Registry
 from serve_app.server.app import build_app, check_job_id
 from serve_app.server.jobstream import (
     JobStream,
     check_cancelled,
     check_listing,
     new_correlation_id,
-    read,
-    remote,
 )
 
 APP_NAME = "rbee"
@@ -48,18 +47,19 @@ SOURCE_TREE = Path(__file__).resolve().parents[2]
 class Ingress:
     def __init__(self, config: Config) -> None:
         self._config = config
-        self._registry = ensure_cluster(config)
+        self._handle = ensure_cluster(config)
+        self._registry = Registry(self._handle)
         self._jobs = JobStream(config, self._registry)
 
     def __serve_build_asgi_app__(self) -> Any:
-        return build_app(self._config, self._registry)
+        return build_app(self._config, self._handle, self._jobs)
 
     # -- the Python API through Serve handles (the HTTP client's methods, without HTTP) --
 
     async def submit(self, op: Mapping[str, Any], correlation_id: str | None = None) -> str:
         """Start a job (SPEC §3) and return its id at once."""
         cid = correlation_id or new_correlation_id()
-        record = await remote(self._registry.submit.remote(dict(op), cid))
+        record = await self._registry.submit(dict(op), correlation_id=cid)
         return str(record["job_id"])
 
     async def stream(self, job_id: str, last_event_id: int = 0) -> AsyncIterator[StreamEvent]:
@@ -69,7 +69,7 @@ class Ingress:
         _check_job_id(job_id)
         if isinstance(last_event_id, bool) or not isinstance(last_event_id, int) or last_event_id < 0:
             raise InvalidRequest("last_event_id must be a non-negative integer")
-        await read(lambda: self._registry.job.remote(job_id))
+        await self._registry.job(job_id)
         async for item in self._jobs.events(job_id, last_event_id):
             yield item
 
@@ -79,20 +79,20 @@ class Ingress:
         once the job is cancelled and raise ``JobNotFound``/``JobFinished`` if there was
         nothing to stop (``DELETE /v1/jobs/{id}``)."""
         _check_job_id(job_id)
-        answer = await remote(self._registry.cancel.remote([job_id], None, wait=wait))
+        answer = await self._registry.cancel([job_id], wait=wait)
         if wait:
             check_cancelled(job_id, answer)
 
     async def job(self, job_id: str) -> dict[str, Any]:
         _check_job_id(job_id)
-        return dict(await read(lambda: self._registry.job.remote(job_id)))
+        return await self._registry.job(job_id)
 
     async def jobs(
         self, state: str | None = None, operation: str | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         """Jobs, newest first."""
         check_listing(state, operation, limit)
-        return list(await read(lambda: self._registry.jobs.remote(state, operation, limit)))
+        return await self._registry.jobs(state=state, operation=operation, limit=limit)
 
     async def run(self, op: Mapping[str, Any], correlation_id: str | None = None) -> dict[str, Any]:
         """Submit ``op``, wait for it and return its result (or raise its error)."""

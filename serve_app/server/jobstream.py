@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,15 +26,14 @@ from actors.core.errors import (
     JobNotFound,
     MalformedBody,
     RbeeError,
-    Unavailable,
     WorkerDied,
     error_class,
-    rbee_cause,
 )
 from actors.core.events import Result, StreamEvent
 from actors.core.table import JobState, Lease
 from actors.naming import NAMESPACE
 from actors.operations import OPERATION_NAMES
+from actors.registry_client import RETRY_S, CancelAnswer, Registry
 
 log = logging.getLogger("rbee.jobstream")
 
@@ -43,10 +42,6 @@ _PAGE = 1000
 _CANCEL_ATTEMPTS = 10
 REGISTRY_BACK_S = 60.0
 """How long a follower waits for a registry that died to come back (Ray restarts it)."""
-READ_WAIT_S = 15.0
-"""How long a read (a job, the job list) waits for a registry that is restarting."""
-RETRY_S = 0.5
-"""How long to wait before asking a registry that is restarting again."""
 
 MAX_JSON_DEPTH = 64
 """The deepest nesting of arrays and objects a body may have (SPEC §7)."""
@@ -55,30 +50,6 @@ MAX_NUMBER_CHARS = 100
 digits; no field of ours needs more than 20."""
 _DIGITS = re.compile(r"[0-9]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-async def remote(ref: Any) -> Any:
-    """Await a Ray call; our errors raised inside an actor come back as themselves."""
-    try:
-        return await ref
-    except Exception as exc:
-        cause = rbee_cause(exc)
-        if cause is not None and cause is not exc:
-            raise cause from None
-        raise
-
-
-async def read(make: Callable[[], Any], wait_s: float = READ_WAIT_S) -> Any:
-    """A registry read (``make`` starts the call), waiting up to ``wait_s`` for a registry
-    that is restarting rather than failing the request; then ``Unavailable``."""
-    deadline = asyncio.get_running_loop().time() + wait_s
-    while True:
-        try:
-            return await remote(make())
-        except RayActorError as exc:
-            if asyncio.get_running_loop().time() > deadline:
-                raise Unavailable(f"the job registry did not come back within {wait_s:g}s") from exc
-            await asyncio.sleep(RETRY_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +70,7 @@ Item = StreamEvent | End | Idle
 
 
 class JobStream:
-    def __init__(self, config: Config, registry: Any) -> None:
+    def __init__(self, config: Config, registry: Registry) -> None:
         self.config = config
         self.registry = registry
         self._delivering: set[asyncio.Task[None]] = set()
@@ -122,7 +93,7 @@ class JobStream:
         return parse_json(b"".join(chunks))
 
     async def submit(self, request: Request, body: Any) -> str:
-        record = await remote(self.registry.submit.remote(body, correlation_id(request)))
+        record = await self.registry.submit(body, correlation_id=correlation_id(request))
         return str(record["job_id"])
 
     async def follow(self, job_id: str, after: int = 0) -> AsyncGenerator[list[Item], None]:
@@ -143,11 +114,10 @@ class JobStream:
         live = 0  #: the first id of the lease last followed live
         while True:
             try:
-                events, state, lease = await remote(
-                    self.registry.events.remote(job_id, after, poll_s, live)
-                )
+                page = await self.registry.events(job_id, after=after, poll_s=poll_s, live=live)
+                events, state, lease = page.events, page.state, page.lease
                 if state in TERMINAL and len(events) < _PAGE:
-                    record = await remote(self.registry.job.remote(job_id))
+                    record = await self.registry.job_now(job_id)
             except RayActorError as exc:
                 now = asyncio.get_running_loop().time()
                 lost_at = now if lost_at is None else lost_at
@@ -266,7 +236,8 @@ class JobStream:
 
     async def _deliver_cancel(self, job_id: str, cid: str | None) -> None:
         for _ in range(_CANCEL_ATTEMPTS):
-            ref = self.registry.cancel.remote([job_id], cid)
+            self.registry.send()
+            ref = self.registry.handle.cancel.remote([job_id], cid)
             try:
                 await ref
                 return
@@ -278,7 +249,7 @@ class JobStream:
         log.error("the cancel of %s was dropped %d times", job_id, _CANCEL_ATTEMPTS)
 
     async def models(self) -> list[dict[str, Any]]:
-        return list(await remote(self.registry.models.remote()))
+        return await self.registry.models()
 
 
 def check_listing(state: Any, operation: Any, limit: Any) -> None:
@@ -291,12 +262,12 @@ def check_listing(state: Any, operation: Any, limit: Any) -> None:
         raise InvalidRequest("limit must be between 1 and 10000")
 
 
-def check_cancelled(job_id: str, answer: dict[str, list[str]]) -> None:
+def check_cancelled(job_id: str, answer: CancelAnswer) -> None:
     """The registry's answer to the cancel of one job it waited for: ``JobNotFound`` if it
     does not know the job, ``JobFinished`` if the job had ended before the cancel."""
-    if answer["unknown"]:
+    if answer.unknown:
         raise JobNotFound(f"no job {job_id!r}")
-    if not answer["ended"]:
+    if not answer.ended:
         raise JobFinished(f"job {job_id!r} had already finished")
 
 

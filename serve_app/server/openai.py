@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -30,8 +31,14 @@ from starlette.types import Receive, Scope, Send
 
 from actors.core.errors import InvalidRequest, RbeeError, error_class
 from actors.core.events import Error, Result, StreamEvent, Token
+from actors.core.jobs import Adoption, Ending
+from actors.core.running import Ended
+from actors.core.table import new_job_id
+from actors.operations import parse_operation
+from actors.registry_client import Registry
+from serve_app.server import direct
 from serve_app.server.errors import actor_gone_error, openai_body, response_for
-from serve_app.server.jobstream import Item, JobStream
+from serve_app.server.jobstream import Item, JobStream, correlation_id
 
 Handler = Callable[[Request], Awaitable[Response]]
 _T = TypeVar("_T")
@@ -46,6 +53,7 @@ class OpenAi:
 
     def __init__(self, jobs: JobStream) -> None:
         self._jobs = jobs
+        self._routes = direct.Routes(jobs.registry)
 
     def routes(self) -> list[Route]:
         return [
@@ -81,6 +89,10 @@ class OpenAi:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model: the id of a model is required", param="model")
         op = {"operation": "infer", "model": model, "openai": {"api": api, "request": body}}
+        route = await self._routes.pick(model)
+        if route is not None:
+            return await self._direct(request, op, route)
+        # No worker serves the model yet: the registry starts one, and the job waits for it.
         job_id = request.state.job_id = await self._submit(request, op)
         headers = {"X-Job-Id": job_id}
         if body.get("stream") is True:
@@ -95,6 +107,42 @@ class OpenAi:
         if result is None:
             return Response(status_code=499)
         return JSONResponse(result["openai"], headers=headers)
+
+    async def _direct(self, request: Request, op: dict[str, Any], route: direct.Route) -> Response:
+        """The one road (``serve_app.server.direct``): the worker answers, the registry is
+        told of the job (not waited for) and of its end (before the end is written)."""
+        infer = parse_operation(op)
+        job_id = request.state.job_id = new_job_id()
+        cid = correlation_id(request)
+        registry = self._jobs.registry
+        adoption = Adoption(job_id, op, cid, route.name, time.time())
+        registry.post(adoption)
+        headers = {"X-Job-Id": job_id}
+        busy = self._routes.busy(route)  # until the answer is written
+        stream = route.actor.answer.options(num_returns="streaming").remote(job_id, infer, cid)
+        answer = direct.items(stream, route, self._routes, registry)
+        streaming = False
+        try:
+            first = await _until_gone(request, anext(answer))
+            if first is None:  # the client went away: the worker stops, the job ends cancelled
+                direct.give_up(stream)
+                return Response(status_code=499)
+            if isinstance(first, Ended):
+                _tell_end(registry, adoption, first)
+                if isinstance(first.answer, Error):
+                    raise _error_of(first.answer)
+                if isinstance(first.answer, Result):
+                    return JSONResponse(first.answer.value["openai"], headers=headers)
+                first = first.tail  # the whole stream came in one go
+            streaming = True
+            body = _chunks(first, answer, registry, adoption)
+            return _AnswerResponse(stream, body, headers, busy)
+        except BaseException:
+            direct.give_up(stream)
+            raise
+        finally:
+            if not streaming:
+                busy.close()
 
     async def _while_connected(
         self, request: Request, job_id: str, answer: Coroutine[Any, Any, _T]
@@ -223,6 +271,70 @@ class _JobStreamResponse(StreamingResponse):
                 aclose = getattr(iterator, "aclose", None)
                 if aclose is not None:
                     await asyncio.shield(aclose())
+
+
+async def _until_gone(request: Request, answer: Awaitable[_T]) -> _T | None:
+    """``answer``, or None once the client has gone (it is then cancelled)."""
+    waiting = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({waiting, gone}, return_when=asyncio.FIRST_COMPLETED)
+        return waiting.result() if waiting.done() else None
+    finally:
+        gone.cancel()
+        waiting.cancel()
+
+
+async def _chunks(
+    first: bytes, answer: AsyncIterator[bytes | Ended], registry: Registry, adoption: Adoption
+) -> AsyncIterator[bytes]:
+    """The worker's bytes as they come, then its tail once the registry is told; a failure
+    (the worker's error, a cancel, a worker that died) is an error chunk in OpenAI's shape,
+    then the end."""
+    yield first
+    try:
+        async for item in answer:
+            if isinstance(item, bytes):
+                yield item
+                continue
+            _tell_end(registry, adoption, item)
+            if isinstance(item.answer, Error):
+                raise _error_of(item.answer)
+            yield item.tail
+    except RbeeError as exc:
+        yield (_sse(openai_body(exc)) + "data: [DONE]\n\n").encode()
+
+
+def _tell_end(registry: Registry, adoption: Adoption, ended: Ended) -> None:
+    """Before the end is written: a client with the whole answer finds the job over (what
+    this ingress asks the registry next comes after it)."""
+    registry.post(Ending(adoption.job_id, ended.packed_events(), ended.state, adoption))
+
+
+class _AnswerResponse(StreamingResponse):
+    """The worker's streamed answer; a client that goes away before its end stops it."""
+
+    def __init__(
+        self, stream: Any, body: AsyncIterator[bytes], headers: dict[str, str], busy: direct.Busy
+    ) -> None:
+        super().__init__(self._through(body), media_type="text/event-stream", headers=headers)
+        self._stream, self._body, self._ended, self._busy = stream, body, False, busy
+
+    async def _through(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in body:
+            yield chunk
+        self._ended = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._busy.close()
+            if not self._ended:
+                direct.give_up(self._stream)
+            aclose = getattr(self._body, "aclose", None)
+            if aclose is not None:
+                await asyncio.shield(aclose())
 
 
 async def _disconnected(receive: Receive) -> None:
