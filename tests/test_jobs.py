@@ -205,7 +205,18 @@ async def test_an_end_with_its_adoption_is_recorded_where_the_adoption_never_cam
     await jobs.close(Ending(job_id, events, JobState.COMPLETED, _adoption(job_id)), Op("infer"))
     assert jobs.get(job_id).state is JobState.COMPLETED
     assert await jobs.adopt(Op("infer"), _adoption(job_id)) is None  # a late adoption: no-op
-    await jobs.close(Ending(new_job_id(), events, JobState.COMPLETED))  # no adoption: dropped
+
+
+async def test_a_workers_end_that_comes_before_the_adoption_ends_the_job_when_it_comes(jobs):
+    """The worker's word and the ingress's come by different roads: the end may be first."""
+    job_id = new_job_id()
+    gone = pack([StreamEvent(1, Token("a", 1))])
+    await jobs.close(Ending(job_id, gone, JobState.CANCELLED))  # the client left at once
+    assert job_id not in jobs.table
+    await jobs.adopt(Op("infer"), _adoption(job_id))
+    record = jobs.get(job_id)
+    assert record.state is JobState.CANCELLED and record.error["code"] == "CANCELLED"
+    assert [e.event.kind for e in jobs.table.events(job_id)][0] == "token"
 
 
 async def test_a_cancel_of_an_adopted_job_takes_its_events_from_the_actor(jobs, backend):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 
+import httpx
 import psutil
 import pytest
 import ray
@@ -86,6 +88,9 @@ def test_a_killed_worker_fails_its_job_leaves_the_pool_and_frees_its_gpu(api, wo
           "prompt": "Once upon a time there was a hive of bees", "max_tokens": 1500}  # fmt: skip
     job_id = submit(api, op)
     read_sse(api, f"/v1/jobs/{job_id}/stream", on_event=lambda e: e["event"] == "token")
+    # OpenAI streams answered straight by the workers, spread over both (least busy first)
+    time.sleep(1.5)  # the ingress's view of the workers is at most 1 s old
+    streams = _OpenAiStreams(api, tiny_model, 4)
     os.kill(pid, signal.SIGKILL)
     killed = time.monotonic()
 
@@ -94,6 +99,19 @@ def test_a_killed_worker_fails_its_job_leaves_the_pool_and_frees_its_gpu(api, wo
     error = stream.of("error")[-1]
     assert error["code"] == "WORKER_DIED" and error["retriable"] is True
     assert wait_state(api, job_id, "failed")["error"]["code"] == "WORKER_DIED"
+    # Each stream ended on its own: those on the killed worker with WORKER_DIED, their jobs
+    # failed; the others whole.
+    ended = streams.join(deadline_s=60)
+    died = [s for s in ended if s.error is not None]
+    assert died and len(died) < len(ended), [(s.error, s.chunks) for s in ended]
+    for each in ended:
+        assert each.done, (each.job_id, each.chunks, each.error)
+        if each.error is not None:
+            assert each.error["code"] == "WORKER_DIED", each.error
+            assert wait_state(api, each.job_id, "failed")["error"]["code"] == "WORKER_DIED"
+        else:
+            assert each.finish_reason == "length" and each.chunks >= 200
+            assert wait_state(api, each.job_id, "completed")["state"] == "completed"
     wait_for(lambda: all(w["worker_id"] != "w-doomed" for w in _workers(api)), timeout=5)
     assert time.monotonic() - killed < 5
     # The hive ends what the engine left running and removes its segments.
@@ -161,3 +179,61 @@ def test_a_spawn_with_reuse_takes_the_worker_already_there(api, worker, tiny_mod
     assert stream.of("result")[0]["worker_id"] in before
     assert "already" in stream.of("narration")[0]["message"]
     assert {w["worker_id"] for w in _workers(api)} == before
+
+
+class _OpenAiStream:
+    def __init__(self) -> None:
+        self.job_id = ""
+        self.chunks = 0
+        self.done = False
+        self.error: dict | None = None
+        self.finish_reason: str | None = None
+
+
+class _OpenAiStreams:
+    """``n`` streamed completions at once, each read to its end in a thread of its own; the
+    call returns once each has its first chunk."""
+
+    def __init__(self, api: httpx.Client, model: str, n: int) -> None:
+        import threading
+
+        self._started = threading.Barrier(n + 1, timeout=60)
+        self.streams = [_OpenAiStream() for _ in range(n)]
+        self._threads = [
+            threading.Thread(target=self._read, args=(api, model, s), daemon=True) for s in self.streams
+        ]
+        for thread in self._threads:
+            thread.start()
+        self._started.wait()
+
+    def _read(self, api: httpx.Client, model: str, out: _OpenAiStream) -> None:
+        body = {"model": model, "prompt": "Once upon a time", "max_tokens": 1000, "stream": True,
+                "ignore_eos": True}  # fmt: skip
+        headers = dict(api.headers)
+        with httpx.Client(base_url=api.base_url, headers=headers, timeout=60) as client:
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                out.job_id = response.headers["x-job-id"]
+                started = False
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if not started:
+                        started = True
+                        self._started.wait()
+                    data = line.removeprefix("data: ")
+                    if data == "[DONE]":
+                        out.done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        out.error = chunk["error"]
+                        continue
+                    out.chunks += 1
+                    out.finish_reason = chunk["choices"][0].get("finish_reason") or out.finish_reason
+
+    def join(self, deadline_s: float) -> list[_OpenAiStream]:
+        ends = time.monotonic() + deadline_s
+        for thread in self._threads:
+            thread.join(max(0.0, ends - time.monotonic()))
+            assert not thread.is_alive(), "a stream did not end on its own"
+        return self.streams

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +33,9 @@ log = logging.getLogger("rbee.jobs")
 ACTOR = "registry"
 DRAIN_S = 2.0
 """How long a stopped job's last events may take to come in before its drive is cut."""
+
+EARLY_ENDS = 1000
+"""The most ends kept for jobs whose adoption has not come yet."""
 
 Lease = Callable[[str], Awaitable[int]]
 """Called by a backend with the name of the actor about to run a job: that actor numbers the
@@ -100,6 +104,9 @@ class Jobs:
         self._cancels: dict[str, asyncio.Task[bool]] = {}
         self._on_terminal = on_terminal
         self._adopted: dict[str, str] = {}  #: job -> the actor it runs on, till it ends
+        #: ends that came before their job's adoption (a worker's and an ingress's calls
+        #: are not ordered): the adoption closes the job at once
+        self._early: OrderedDict[str, Ending] = OrderedDict()
 
     def submit(self, op: Any, request: dict[str, Any], correlation_id: str) -> JobRecord:
         """Create the job and start driving it; returns at once."""
@@ -120,6 +127,9 @@ class Jobs:
         await self.table.transition(adoption.job_id, JobState.RUNNING)
         await self.table.lease(adoption.job_id, adoption.actor)
         self._adopted[adoption.job_id] = adoption.actor
+        early = self._early.pop(adoption.job_id, None)
+        if early is not None:
+            await self.close(early)
         return record
 
     async def close(self, ending: Ending, op: Any = None) -> None:
@@ -128,8 +138,10 @@ class Jobs:
         never adopted here (a restart in between) is recorded from ``ending.adoption``."""
         job_id = ending.job_id
         if job_id not in self.table:
-            if ending.adoption is None or op is None:
-                log.warning("the end of an unknown job", extra={"rbee_job": context(job_id, None)})
+            if ending.adoption is None or op is None:  # its adoption is on its way
+                self._early[job_id] = ending
+                while len(self._early) > EARLY_ENDS:
+                    self._early.popitem(last=False)
                 return
             await self.adopt(op, ending.adoption)
         record = self.get(job_id)

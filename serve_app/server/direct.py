@@ -1,7 +1,7 @@
 """OpenAI requests answered on the one road: the ingress gives the request straight to a
-worker that serves its model and writes what the worker sends back (vLLM's chunks, as
-bytes). The registry is off the request's path: it is told of the job (``adopt``, not
-awaited) and hears of its end from the worker.
+worker that serves its model, on a connection of its own (``actors.core.pipe``), and writes
+what the worker sends back (vLLM's chunks, as bytes). The registry is off the request's
+path: it is told of the job (``adopt``, not awaited) and of its end.
 
 ``Routes`` knows which workers serve which model: the registry's answer, asked at most once
 per ``ROUTES_TTL_S`` (all requests in between share it); a request goes to the least busy
@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, TaskCancelledError
+from ray.exceptions import RayError
 
-from actors.core.errors import JobCancelled, RbeeError, WorkerDied, rbee_cause
+from actors.core import pipe
+from actors.core.errors import InternalError, JobCancelled, RbeeError, WorkerDied
 from actors.core.running import Ended
 from actors.naming import NAMESPACE
 from actors.registry_client import Registry
@@ -34,7 +35,8 @@ ROUTES_TTL_S = 1.0
 @dataclass(frozen=True, slots=True)
 class Route:
     name: str  #: the worker's actor name
-    actor: Any
+    address: pipe.Address
+    busy: Busy  #: this request, counted at the worker until it is closed
 
 
 class Routes:
@@ -44,12 +46,13 @@ class Routes:
         self._table: dict[str, list[str]] = {}
         self._read_at = -ttl_s
         self._reading: asyncio.Future[dict[str, list[str]]] | None = None
-        self._handles: dict[str, Any] = {}
+        self._addresses: dict[str, pipe.Address] = {}
         self._busy: dict[str, int] = {}
 
     async def pick(self, model: str) -> Route | None:
-        """The least busy ready worker of ``model``; None when there is none (as far as a
-        view at most ``ttl_s`` old knows)."""
+        """The least busy ready worker of ``model``, this request counted at it (until
+        ``route.busy`` is closed); None when there is none (as far as a view at most
+        ``ttl_s`` old knows)."""
         loop = asyncio.get_running_loop()
         if loop.time() - self._read_at > self._ttl_s:
             await self._refresh()
@@ -57,15 +60,19 @@ class Routes:
         if not names:
             return None
         name = min(names, key=lambda n: self._busy.get(n, 0))
-        actor = self._handles.get(name)
-        if actor is None:
+        busy = self._count(name)  # at once: requests picking meanwhile see it
+        address = self._addresses.get(name)
+        if address is None:
             try:
                 actor = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
-            except ValueError:  # gone since the registry answered
+                address = await actor.pipe_address.remote()
+            except (ValueError, RayError) as exc:  # gone since the registry answered
+                log.info("worker %s gave no address: %r", name, exc)
+                busy.close()
                 self.forget(name)
                 return None
-            self._handles[name] = actor
-        return Route(name, actor)
+            self._addresses[name] = address
+        return Route(name, address, busy)
 
     async def _refresh(self) -> None:
         if self._reading is None or self._reading.done():
@@ -79,15 +86,15 @@ class Routes:
 
     def forget(self, name: str) -> None:
         """A worker that failed a call: not routed to until the registry lists it again."""
-        self._handles.pop(name, None)
+        self._addresses.pop(name, None)
         for names in self._table.values():
             if name in names:
                 names.remove(name)
 
-    def busy(self, route: Route) -> Busy:
-        """Count a request at ``route`` until ``close``."""
-        self._busy[route.name] = self._busy.get(route.name, 0) + 1
-        return Busy(self._busy, route.name)
+    def _count(self, name: str) -> Busy:
+        """Count a request at worker ``name`` until ``close``."""
+        self._busy[name] = self._busy.get(name, 0) + 1
+        return Busy(self._busy, name)
 
 
 class Busy:
@@ -102,38 +109,31 @@ class Busy:
             self._counts[self._name] -= 1
 
 
+async def call(route: Route, job_id: str, op: Any, correlation_id: str | None) -> pipe.Call:
+    """Give the request to the worker; a worker that takes no connection died."""
+    try:
+        return await pipe.Call.open(route.address, job_id, op, correlation_id)
+    except OSError as exc:
+        raise WorkerDied(f"{route.name} took no connection: {exc}") from exc
+
+
 async def items(
-    stream: Any, route: Route, routes: Routes, registry: Registry
+    answer: pipe.Call, route: Route, routes: Routes, registry: Registry
 ) -> AsyncIterator[bytes | Ended]:
     """The worker's answer, item by item; its failures as rbee's errors: a cancel is
-    ``JobCancelled``, a worker that died ``WorkerDied`` (and the registry is told, which
-    fails the job)."""
+    ``JobCancelled``, a worker whose connection broke ``WorkerDied`` (and the registry is
+    told, which fails the job)."""
     try:
-        async for ref in stream:
-            yield await ref
-    except (TaskCancelledError, asyncio.CancelledError) as exc:
-        if isinstance(exc, asyncio.CancelledError):
-            raise
+        async for item in answer.items():
+            yield item
+    except pipe.Cancelled as exc:
         raise JobCancelled("the job was cancelled") from exc
-    except RayActorError as exc:
+    except pipe.Failed as exc:
+        raise InternalError(f"the answer failed at {route.name}: {exc}") from exc
+    except pipe.Broken as exc:
         routes.forget(route.name)
         registry.actor_gone(route.name)
         raise WorkerDied(f"{route.name} died while answering") from exc
-    except RayError as exc:
-        cause = rbee_cause(exc)
-        if cause is not None:
-            raise cause from None
-        if "CancelledError" in str(exc):
-            raise JobCancelled("the job was cancelled") from exc
-        raise
 
 
-def give_up(stream: Any) -> None:
-    """Stop the worker's answer: nobody is left to read it (vLLM aborts the request)."""
-    try:
-        ray.cancel(stream)
-    except Exception as exc:  # it ended meanwhile
-        log.debug("cancelling an answer that ended: %r", exc)
-
-
-__all__ = ["RbeeError", "Route", "Routes", "give_up", "items"]
+__all__ = ["RbeeError", "Route", "Routes", "call", "items"]

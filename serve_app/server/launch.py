@@ -12,6 +12,7 @@ the shared memory its engines left in ``/dev/shm`` is removed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -36,6 +37,7 @@ from actors.core.store import JobStore
 from actors.core.table import JobState
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
+from actors.registry_client import Registry
 from serve_app.server.deployment import APP_NAME, INGRESS
 from serve_app.server.fast_path import environ, fast_path, serve_host
 from serve_app.server.guards import is_loopback
@@ -223,24 +225,21 @@ def _init_ray(address: str | None, options: dict[str, Any], *, loopback: bool) -
 
 
 def _cancel_jobs() -> None:
-    """Cancel every queued and running job and wait (briefly) until the registry has
-    recorded them as cancelled."""
-    deadline = time.monotonic() + _CANCEL_S
-    registry = ray.get_actor(REGISTRY, namespace=NAMESPACE)
-    cancel_all: ray.ObjectRef[dict[str, list[str]]] = registry.cancel.remote(None, "shutdown")
-    asked: dict[str, list[str]] = ray.get(cancel_all, timeout=2)
-    if not asked["job_ids"]:
+    """Cancel every queued and running job and wait (at most ``_CANCEL_S``) until the
+    registry has recorded them as cancelled."""
+    registry = Registry(ray.get_actor(REGISTRY, namespace=NAMESPACE))
+    asyncio.run(_cancel_all(registry))
+
+
+async def _cancel_all(registry: Registry) -> None:
+    cancel = registry.cancel(None, correlation_id="shutdown", wait=True)
+    try:
+        answer = await asyncio.wait_for(cancel, _CANCEL_S)
+    except TimeoutError:
+        log.warning("some jobs were still unfinished after %gs", _CANCEL_S)
         return
-    log.info("cancelling %d unfinished jobs", len(asked["job_ids"]))
-    while time.monotonic() < deadline:
-        unfinished = [
-            ray.get(registry.jobs.remote(state, None, 1), timeout=2)
-            for state in ("queued", "running")
-        ]
-        if not any(unfinished):
-            return
-        time.sleep(0.1)
-    log.warning("some jobs were still unfinished after %gs", _CANCEL_S)
+    if answer.job_ids:
+        log.info("cancelled %d unfinished jobs", len(answer.ended))
 
 
 def _settle_jobs(config: Config) -> None:

@@ -29,7 +29,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from actors.core.errors import InvalidRequest, RbeeError, error_class
+from actors.core import pipe
+from actors.core.errors import InvalidRequest, RbeeError, WorkerDied, error_class
 from actors.core.events import Error, Result, StreamEvent, Token
 from actors.core.jobs import Adoption, Ending
 from actors.core.running import Ended
@@ -91,8 +92,11 @@ class OpenAi:
         op = {"operation": "infer", "model": model, "openai": {"api": api, "request": body}}
         route = await self._routes.pick(model)
         if route is not None:
-            return await self._direct(request, op, route)
-        # No worker serves the model yet: the registry starts one, and the job waits for it.
+            answered = await self._direct(request, op, route)
+            if answered is not None:
+                return answered
+        # No worker serves the model (yet, or it just died): the registry finds or starts
+        # one, and the job waits for it.
         job_id = request.state.job_id = await self._submit(request, op)
         headers = {"X-Job-Id": job_id}
         if body.get("stream") is True:
@@ -108,24 +112,33 @@ class OpenAi:
             return Response(status_code=499)
         return JSONResponse(result["openai"], headers=headers)
 
-    async def _direct(self, request: Request, op: dict[str, Any], route: direct.Route) -> Response:
+    async def _direct(
+        self, request: Request, op: dict[str, Any], route: direct.Route
+    ) -> Response | None:
         """The one road (``serve_app.server.direct``): the worker answers, the registry is
-        told of the job (not waited for) and of its end (before the end is written)."""
-        infer = parse_operation(op)
-        job_id = request.state.job_id = new_job_id()
-        cid = correlation_id(request)
-        registry = self._jobs.registry
-        adoption = Adoption(job_id, op, cid, route.name, time.time())
-        registry.post(adoption)
-        headers = {"X-Job-Id": job_id}
-        busy = self._routes.busy(route)  # until the answer is written
-        stream = route.actor.answer.options(num_returns="streaming").remote(job_id, infer, cid)
-        answer = direct.items(stream, route, self._routes, registry)
+        told of the job (not waited for) and of its end (before the end is written). None:
+        the worker took no connection (it died since the routes were read)."""
+        busy = route.busy  # until the answer is written
         streaming = False
+        call: pipe.Call | None = None
         try:
+            infer = parse_operation(op)
+            job_id = new_job_id()
+            cid = correlation_id(request)
+            try:
+                call = await direct.call(route, job_id, infer, cid)
+            except WorkerDied as exc:
+                log.info("the job road instead: %s", exc)
+                self._routes.forget(route.name)
+                return None
+            request.state.job_id = job_id
+            registry = self._jobs.registry
+            adoption = Adoption(job_id, op, cid, route.name, time.time())
+            registry.post(adoption)
+            headers = {"X-Job-Id": job_id}
+            answer = direct.items(call, route, self._routes, registry)
             first = await _until_gone(request, anext(answer))
             if first is None:  # the client went away: the worker stops, the job ends cancelled
-                direct.give_up(stream)
                 return Response(status_code=499)
             if isinstance(first, Ended):
                 _tell_end(registry, adoption, first)
@@ -136,12 +149,11 @@ class OpenAi:
                 first = first.tail  # the whole stream came in one go
             streaming = True
             body = _chunks(first, answer, registry, adoption)
-            return _AnswerResponse(stream, body, headers, busy)
-        except BaseException:
-            direct.give_up(stream)
-            raise
+            return _AnswerResponse(call, body, headers, busy)
         finally:
             if not streaming:
+                if call is not None:
+                    call.close()
                 busy.close()
 
     async def _while_connected(
@@ -315,23 +327,21 @@ class _AnswerResponse(StreamingResponse):
     """The worker's streamed answer; a client that goes away before its end stops it."""
 
     def __init__(
-        self, stream: Any, body: AsyncIterator[bytes], headers: dict[str, str], busy: direct.Busy
+        self,
+        call: pipe.Call,
+        body: AsyncIterator[bytes],
+        headers: dict[str, str],
+        busy: direct.Busy,
     ) -> None:
-        super().__init__(self._through(body), media_type="text/event-stream", headers=headers)
-        self._stream, self._body, self._ended, self._busy = stream, body, False, busy
-
-    async def _through(self, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in body:
-            yield chunk
-        self._ended = True
+        super().__init__(body, media_type="text/event-stream", headers=headers)
+        self._call, self._body, self._busy = call, body, busy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._busy.close()
-            if not self._ended:
-                direct.give_up(self._stream)
+            self._call.close()  # a client gone before the end: the worker stops
             aclose = getattr(self._body, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
