@@ -78,6 +78,8 @@ from jobs import (
 )
 from rich.table import Table
 
+from serve_app import sse
+
 SLOTS = 4  #: downloads.concurrency of the hive (the storm's fillers hold them all)
 TERMINAL = {"completed", "failed", "cancelled"}
 PROMPT = "Count the bees in the hive:"
@@ -208,8 +210,7 @@ async def _follow(http: httpx.AsyncClient, job_id: str, load: Load | None, kind:
                   timeout: float) -> Seen:
     """Follow a job's stream to its sentinel; never raises (the error is noted)."""
     seen = Seen()
-    event: str | None = None
-    event_id: int | None = None
+    parser = sse.Parser()
     try:
         async with http.stream("GET", f"/v1/jobs/{job_id}/stream",
                                timeout=httpx.Timeout(30, read=timeout)) as response:
@@ -221,24 +222,21 @@ async def _follow(http: httpx.AsyncClient, job_id: str, load: Load | None, kind:
                 load.open_streams[kind] += 1
             try:
                 async for line in response.aiter_lines():
-                    if line.startswith("id: "):
-                        event_id = int(line[4:])
-                    elif line.startswith("event: "):
-                        event = line[7:]
-                    elif line.startswith("data: "):
-                        now = time.time()
-                        if event is None:
-                            seen.sentinel = line[6:]
-                            break
-                        seen.ids.append(event_id if event_id is not None else -1)
-                        seen.kinds.append(event)
-                        seen.at.append(now)
-                        if event == "narration":
-                            data = json.loads(line[6:])
-                            ts = data.get("ts")
-                            if isinstance(ts, int | float) and event_id is not None:
-                                seen.ts[event_id] = (ts, str(data.get("action")))
-                        event = event_id = None
+                    frame = parser.feed(line)
+                    if frame is None:
+                        continue
+                    now = time.time()
+                    if frame.kind is None:
+                        seen.sentinel = frame.data
+                        break
+                    seen.ids.append(frame.id if frame.id is not None else -1)
+                    seen.kinds.append(frame.kind)
+                    seen.at.append(now)
+                    if frame.kind == "narration":
+                        data = frame.json()
+                        ts = data.get("ts")
+                        if isinstance(ts, int | float) and frame.id is not None:
+                            seen.ts[frame.id] = (ts, str(data.get("action")))
             finally:
                 if load is not None:
                     load.open_streams[kind] -= 1
@@ -556,10 +554,12 @@ async def _leave_midway(http: httpx.AsyncClient, leaver: Leaver, body: dict[str,
             if response.status_code != 200:
                 leaver.error = (await response.aread()).decode(errors="replace")[:200]
                 return
+            parser = sse.Parser()
             async for line in response.aiter_lines():
-                if not line.startswith("data: "):
+                frame = parser.feed(line)
+                if frame is None:
                     continue
-                payload = line[6:]
+                payload = frame.data
                 if payload == "[DONE]":
                     leaver.saw_end = True
                     break
