@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ray.util import metrics
@@ -94,7 +95,7 @@ class JobRegistry:
         gave straight to workers (``Jobs.adopt``) and their ends (``Jobs.close``)."""
         for item in items:
             if isinstance(item, Adoption):
-                record = await self._jobs.adopt(parse_operation(item.request), item)
+                record = await self._jobs.adopt(_Adopted.of(item), item)
                 if record is not None:
                     self._metrics.submitted(record.operation)
             else:
@@ -103,7 +104,7 @@ class JobRegistry:
     async def close(self, ending: Ending) -> None:
         """The end of an adopted job (from a worker whose answer stopped before its end)."""
         adoption = ending.adoption
-        op = parse_operation(adoption.request) if adoption is not None else None
+        op = _Adopted.of(adoption) if adoption is not None else None
         if op is not None and ending.job_id not in self._jobs.table:
             self._metrics.submitted(op.operation)
         await self._jobs.close(ending, op)
@@ -244,3 +245,14 @@ class _Metrics:
 
     def terminal(self, record: JobRecord) -> None:
         self.jobs.inc(tags={"operation": record.operation, "state": record.state.value})
+
+
+@dataclass(frozen=True, slots=True)
+class _Adopted:
+    """What the registry needs of an adopted job's operation (the ingress parsed it)."""
+
+    operation: str
+
+    @classmethod
+    def of(cls, adoption: Adoption) -> _Adopted:
+        return cls(str(adoption.request["operation"]))

@@ -23,7 +23,7 @@ from actors.core.events import StreamEvent
 from actors.core.jobs import Adoption, Ending
 from actors.core.table import Lease
 
-MAIL_S = 0.002
+MAIL_S = 0.01
 MAIL_MAX = 256
 READ_WAIT_S = 15.0
 """How long a read waits for a registry that is restarting (Ray restarts it)."""

@@ -148,9 +148,11 @@ class Server:
                 async for item in items:
                     if isinstance(item, bytes):
                         _frame(writer, b"B", item)
+                        await writer.drain()
                     else:
                         _frame(writer, b"E", pickle.dumps(item, pickle.HIGHEST_PROTOCOL))
-                    await writer.drain()
+                        await writer.drain()
+                        item.handed = True  # the ingress tells the registry, not the worker
         except asyncio.CancelledError:
             if abandoned.is_set():
                 raise

@@ -4,8 +4,9 @@ what the worker sends back (vLLM's chunks, as bytes). The registry is off the re
 path: it is told of the job (``adopt``, not awaited) and of its end.
 
 ``Routes`` knows which workers serve which model: the registry's answer, asked at most once
-per ``ROUTES_TTL_S`` (all requests in between share it); a request goes to the least busy
-worker of its model, counted here. A model no worker serves yet takes the job road (the
+per ``ROUTES_TTL_S`` (all requests in between share it, and a request that has a view of its
+model never waits for a newer one); a request goes to the least busy worker of its model,
+counted here. A model no worker serves yet takes the job road (the
 registry starts a worker and waits for it).
 """
 
@@ -45,7 +46,7 @@ class Routes:
         self._ttl_s = ttl_s
         self._table: dict[str, list[str]] = {}
         self._read_at = -ttl_s
-        self._reading: asyncio.Future[dict[str, list[str]]] | None = None
+        self._reading: asyncio.Future[None] | None = None
         self._addresses: dict[str, pipe.Address] = {}
         self._busy: dict[str, int] = {}
 
@@ -55,7 +56,9 @@ class Routes:
         ``ttl_s`` old knows)."""
         loop = asyncio.get_running_loop()
         if loop.time() - self._read_at > self._ttl_s:
-            await self._refresh()
+            reading = self._refresh()
+            if not self._table.get(model):  # nothing to go on: the fresh view, then
+                await asyncio.shield(reading)
         names = self._table.get(model)
         if not names:
             return None
@@ -74,12 +77,18 @@ class Routes:
             self._addresses[name] = address
         return Route(name, address, busy)
 
-    async def _refresh(self) -> None:
+    def _refresh(self) -> asyncio.Future[None]:
+        """The registry's view of the workers, read once however many ask meanwhile. A
+        request that has a view of its model goes on with it (the read is not on its
+        path)."""
         if self._reading is None or self._reading.done():
-            self._reading = asyncio.ensure_future(self._registry.routes())
+            self._reading = asyncio.ensure_future(self._read())
+        return self._reading
+
+    async def _read(self) -> None:
         try:
-            self._table = dict(await asyncio.shield(self._reading))
-        except RayError as exc:  # the registry is restarting: the job road copes
+            self._table = dict(await self._registry.routes())
+        except (RayError, RbeeError) as exc:  # the registry is restarting: the job road copes
             log.info("the registry gave no routes: %r", exc)
             self._table = {}
         self._read_at = asyncio.get_running_loop().time()
