@@ -9,7 +9,11 @@
   the clock runs until none of them is left ``queued`` (all ``cancelled``). Target ≤ 2 s;
   none of them may ever have started;
 * registry memory per job: the ``JobRegistry`` actor's RSS before and after the jobs above,
-  divided by their number (finished ``hive_list`` jobs; queued-then-cancelled downloads).
+  divided by their number (finished ``hive_list`` jobs; queued-then-cancelled downloads);
+* 1-token requests: a worker for the tiny Llama, then 500 (``--quick`` 100) streamed
+  ``/v1/completions`` with ``max_tokens: 1``, 32 in flight (the peers' client's figure): the
+  rate, the latency to each stream's end, and that every answer's job (``X-Job-Id``) is
+  recorded ``completed``.
 
     .venv/bin/python bench/jobs.py [--quick] [--submits 500] [--storm 1000]
 """
@@ -42,6 +46,7 @@ from _common import (
     summary,
     wait_until,
 )
+from _infer import TINY, Model, add_worker
 from rich.table import Table
 
 STORM_TARGET_S = 2.0
@@ -51,6 +56,7 @@ FILLER_SIZE = 64 * MiB
 FILLER_THROTTLE = 256 * KiB  #: per connection: a filler runs about a minute
 CHEAP_OPS = ("hive_list", "hive_status", "model_list")
 TERMINAL = {"completed", "failed", "cancelled"}
+SHORT_IN_FLIGHT = 32  #: the peers' client's figure: 1-token requests at 32 in flight
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -168,8 +174,64 @@ def bench(run: Run) -> dict[str, Any]:
         "jobs_held": _job_count(api),
     }
     run.tables.extend(_tables(submit, storm, memory))
+
+    # -- 1-token requests ----------------------------------------------------------------------
+    from tests.tinymodel import build_tiny_llama
+
+    folder = run.scratch("tiny")
+    hub.add_repo(TINY, build_tiny_llama(folder))
+    add_worker(hive.url, Model(TINY, folder))
+    n_short = 100 if args.quick else 500
+    log.print(f"[bold]1-token requests[/]: {n_short} streamed completions, {SHORT_IN_FLIGHT} "
+              "in flight")
+    asyncio.run(_one_token(hive.url, SHORT_IN_FLIGHT, SHORT_IN_FLIGHT))  # warm
+    short = asyncio.run(_one_token(hive.url, n_short, SHORT_IN_FLIGHT))
+    short["not_completed"] = sum(1 for j in short.pop("job_ids")
+                                 if job_state(api, j) != "completed")
+    short["pass"] = short["failed"] == 0 and short["not_completed"] == 0
+    log.print(f"  {short['per_s']}/s, p50 {short['latency_ms']['p50']} ms, p99 "
+              f"{short['latency_ms']['p99']} ms; jobs not completed: {short['not_completed']}")
+    table = Table(title="1-token requests (POST /v1/completions, stream, max_tokens 1)")
+    for column in ("requests", "in flight", "per s", "p50 ms", "p99 ms", "jobs not completed"):
+        table.add_column(column, justify="right")
+    table.add_row(str(n_short), str(SHORT_IN_FLIGHT), f"{short['per_s']:.1f}",
+                  fmt_ms(short["latency_ms"]["p50"]), fmt_ms(short["latency_ms"]["p99"]),
+                  str(short["not_completed"]))
+    run.tables.append(table)
     return {"submit": submit, "cancel_storm": storm, "registry_memory": memory,
-            "pass": storm["pass"]}
+            "one_token": short, "pass": storm["pass"] and short["pass"]}
+
+
+async def _one_token(url: str, n: int, in_flight: int) -> dict[str, Any]:
+    """``n`` streamed 1-token completions, ``in_flight`` at once: the rate, the latency to
+    the end of each stream, and each answer's job id (``X-Job-Id``)."""
+    body = {"model": TINY, "prompt": "The hive stays warm in winter because", "max_tokens": 1,
+            "stream": True}
+    latencies: list[float] = []
+    job_ids: list[str] = []
+    failed = 0
+    left = iter(range(n))
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as http:
+
+        async def one() -> None:
+            nonlocal failed
+            for _ in left:
+                started = time.perf_counter()
+                async with http.stream("POST", "/v1/completions", json=body) as response:
+                    text = (await response.aread()).decode()
+                if response.status_code != 200 or not text.endswith("data: [DONE]\n\n"):
+                    failed += 1
+                    continue
+                latencies.append((time.perf_counter() - started) * 1000)
+                job_ids.append(response.headers["x-job-id"])
+
+        began = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(in_flight)))
+        wall = time.perf_counter() - began
+    return {"requests": n, "in_flight": in_flight, "failed": failed,
+            "per_s": round(len(latencies) / wall, 1), "latency_ms": summary(latencies, 1),
+            "job_ids": job_ids}
 
 
 # -- submitting ------------------------------------------------------------------------------

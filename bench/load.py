@@ -65,6 +65,7 @@ from _common import (
     read_sse,
     start_hive,
     summary,
+    wait_until,
 )
 from _infer import TINY, Model, add_worker
 from jobs import (
@@ -74,7 +75,6 @@ from jobs import (
     _registry_process,
     _storm,
     _submit_parallel,
-    _wait_until,
 )
 from rich.table import Table
 
@@ -786,7 +786,7 @@ def cancel_part(ctx: Context) -> dict[str, Any]:
         fillers.append(response.json()["job_id"])
     hub.add_repo("bench/queued", {"model.bin": queued_file})
     try:
-        _wait_until(lambda: all(_bytes_done(api, j) > 0 for j in fillers), 120,
+        wait_until(lambda: all(_bytes_done(api, j) > 0 for j in fillers), 120,
                     "the fillers to start")
         op = {"operation": "model_download", "model": "bench/queued"}
         _, submit_s, ids = _submit_parallel(ctx.hive.url, n, op)
@@ -889,7 +889,7 @@ def _settle(api: httpx.Client, timeout: float = 600) -> None:
                 return False
         return True
 
-    _wait_until(idle, timeout, "every job to finish")
+    wait_until(idle, timeout, "every job to finish")
 
 
 PARTS: dict[str, Callable[[Context], dict[str, Any]]] = {

@@ -216,7 +216,7 @@ async def test_a_workers_end_that_comes_before_the_adoption_ends_the_job_when_it
     await jobs.adopt(Op("infer"), _adoption(job_id))
     record = jobs.get(job_id)
     assert record.state is JobState.CANCELLED and record.error["code"] == "CANCELLED"
-    assert [e.event.kind for e in jobs.table.events(job_id)][0] == "token"
+    assert next(e.event.kind for e in jobs.table.events(job_id)) == "token"
 
 
 async def test_a_cancel_of_an_adopted_job_takes_its_events_from_the_actor(jobs, backend):

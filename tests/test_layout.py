@@ -77,3 +77,19 @@ def test_the_client_side_imports_neither_ray_nor_the_server():
         if name.split(".")[0] == "ray" or name.startswith("serve_app.server")
     }
     assert not found, sorted(found)
+
+
+def test_every_benchmark_script_imports():
+    """A bench script whose helper moved is found here, not on the day it is run."""
+    import importlib
+
+    bench = ACTORS.parent / "bench"
+    scripts = sorted(p.stem for p in bench.glob("*.py") if not p.stem.startswith("_"))
+    assert len(scripts) > 5, scripts
+    sys.path.insert(0, str(bench))
+    try:
+        for name in scripts:
+            module = importlib.import_module(name)
+            assert callable(getattr(module, "bench", None) or getattr(module, "body", None)), name
+    finally:
+        sys.path.remove(str(bench))

@@ -264,15 +264,20 @@ def _token_of(header: str) -> bytes | None:
 
 
 def _check_json(headers: Headers) -> None:
-    """A body, or a stated content type, must be JSON: a web page's form or ``text/plain``
-    post ("simple" requests, sent across sites without asking) never reaches a route."""
+    """A body must be JSON, and say so: a web page's form or ``text/plain`` post ("simple"
+    requests, sent across sites without asking) never reaches a route. An empty body is
+    nothing to read, whatever type it is given."""
     given = headers.getlist("content-type")
+    sized = headers.get("content-length", "0").strip("0 ")
+    bodyless = not headers.get("transfer-encoding") and not sized
+    if bodyless:  # nothing is read, so nothing is made of it (aiohttp types an empty POST)
+        return
     if given:
         if len(given) > 1 or not _JSON_TYPE.fullmatch(given[0]):
             raise UnsupportedMediaType(
                 f"the body must be 'Content-Type: application/json', not {given[0][:100]!r}"
             )
-    elif headers.get("transfer-encoding") or headers.get("content-length", "0").strip("0 "):
+    else:
         raise UnsupportedMediaType("a body needs 'Content-Type: application/json'")
 
 
