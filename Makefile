@@ -51,6 +51,7 @@ bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/cancel_latency.py
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/stream_overhead.py
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/jobs.py
+	RAY_AUTH_MODE=disabled $(BIN)/python bench/registry.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
