@@ -11,7 +11,7 @@ whole answer finds the job over. The job's events are numbered in the worker's r
 job's (watchers follow them live, a cancel by job id stops it).
 
 A run that ends without handing its ``Ended`` over (the client went away, a cancel) is
-reported by the worker itself (``InferenceActor.answer``).
+reported by the worker itself (``InferenceActor._answer``).
 """
 
 from __future__ import annotations
@@ -72,8 +72,7 @@ async def answer(
         ended.events.append(StreamEvent(last + 1, error))
         ended.answer = error
     ended.tail = "".join(tail).encode()
-    yield ended
-    ended.handed = True  # the ingress asked for more: it has the end, and tells the registry
+    yield ended  # the pipe marks it handed once the ingress has it (``core.pipe``)
 
 
 __all__ = ["Ended", "answer"]
