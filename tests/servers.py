@@ -19,6 +19,7 @@ import httpx
 import psutil
 import yaml
 
+from serve_app.server.fast_path import sweep_leftovers
 from tests.conftest import free_port
 from tests.helpers import wait_for
 
@@ -70,6 +71,8 @@ def alive(processes: dict[int, float]) -> list[int]:
     return alive
 
 
+_READY = "is serving on"  #: what ``rbee serve`` prints once it is up
+
 
 @contextmanager
 def serving(
@@ -112,9 +115,10 @@ def serving(
             assert process.poll() is None, served.output()
             seen.update(served.processes())
             try:
-                return httpx.get(f"{served.url}/health", timeout=5).status_code == 200
+                answered = httpx.get(f"{served.url}/health", timeout=5).status_code == 200
             except httpx.HTTPError:
                 return False
+            return answered and _READY in served.output()  # (its HAProxy settled too)
 
         wait_for(healthy, timeout=180, interval=0.5)
         yield served
@@ -127,3 +131,4 @@ def serving(
                 pass
         process.wait(timeout=30)
         shutil.rmtree(ray_dir, ignore_errors=True)
+        sweep_leftovers()  # the HAProxy folder of the server just killed

@@ -14,7 +14,14 @@ import psutil
 import pytest
 
 from actors.config import Config
-from serve_app.server.fast_path import WRAPPER, fast_path, haproxy_binary, wrapper_path
+from serve_app.server.fast_path import (
+    WRAPPER,
+    FastPath,
+    fast_path,
+    haproxy_binary,
+    sweep_leftovers,
+    wrapper_path,
+)
 from tests.helpers import outside_address
 
 RAY_VARS = ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_HAPROXY_BINARY_PATH", "RAY_SERVE_HAPROXY_SOCKET_PATH")
@@ -26,6 +33,31 @@ def test_the_session_server_runs_haproxy_without_splicing(hive):
     mine = [p for p in ours if os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"].rsplit("/", 1)[0] in " ".join(p.info["cmdline"])]
     assert mine, [p.info["cmdline"] for p in ours]
     assert all("-dS" in p.info["cmdline"] for p in mine)
+
+
+def test_the_session_server_was_up_once_haproxy_sent_straight_to_the_replica(hive):
+    """Start-up waits for HAProxy to know the ingress replica (the first answers come
+    through Serve's fallback proxy, and Ray then reloads HAProxy)."""
+    workdir = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    assert FastPath(workdir).direct()
+    assert not FastPath(workdir / "none").direct()
+
+
+def test_a_killed_servers_folder_is_removed_by_the_next_one():
+    with fast_path("haproxy"):
+        workdir = Path(os.environ["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        left = Path(str(workdir) + "-left")
+        left.mkdir()
+        (left / "rbee-owner").write_text(f"{gone.pid} 1")  # a process that is no more
+        stranger = Path(str(workdir) + "-stranger")
+        stranger.mkdir()  # not a server's folder: no owner named
+        try:
+            assert sweep_leftovers() == [left]
+            assert workdir.is_dir() and stranger.is_dir() and not left.exists()
+        finally:
+            stranger.rmdir()
 
 
 def test_the_replica_port_answers_only_this_machine(api, hive):
@@ -67,7 +99,7 @@ def test_fast_path_sets_this_instances_environment_and_restores_it():
     assert haproxy_binary() is not None
     before = {k: os.environ.get(k) for k in RAY_VARS}
     with fast_path("proxy") as on:
-        assert on is False
+        assert on is None
         assert {k: os.environ.get(k) for k in RAY_VARS} == before
     with fast_path("haproxy") as on, fast_path("haproxy") as other:
         assert on and other

@@ -101,6 +101,17 @@ def _half_open(port: int, count: int, source: str = "127.0.0.1") -> Iterator[lis
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def _haproxy_pids(root: int) -> set[int]:
+    found = set()
+    for proc in psutil.Process(root).children(recursive=True):
+        try:
+            if proc.name() == "haproxy":
+                found.add(proc.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def _closed_by_server(held: list[socket.socket], within_s: float) -> tuple[int, set[bytes]]:
     """How many of ``held`` the server closes within ``within_s``, and the first bytes of
     what it said to them."""
@@ -175,7 +186,9 @@ def test_the_running_haproxy_reads_rbees_bounds(hive):
     assert harden(text).count("stick-table") == 1 or "# rbee:" in text  # written once
     binary = haproxy_binary()
     assert binary is not None
-    check = subprocess.run([binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30)
+    check = subprocess.run(
+        [binary, "-c", "-f", str(config)], capture_output=True, text=True, timeout=30
+    )
     assert check.returncode == 0, check.stderr
 
 
@@ -199,8 +212,6 @@ def test_harden_rebinds_only_what_ray_opens_everywhere():
         assert f"    bind {bind}" in out and "    bind 127.0.0.1:9101" in out
 
 
-
-
 def test_a_wildcard_bind_keeps_ray_on_loopback_and_bounds_each_address(tmp_path):
     """``rbee serve --host 0.0.0.0`` without a token: it warns; only the HTTP port is open
     to the network; any IP literal of this machine is a Host it answers to, a name is not;
@@ -222,8 +233,11 @@ def test_a_wildcard_bind_keeps_ray_on_loopback_and_bounds_each_address(tmp_path)
         assert len(replica) <= 1, replica
         there = f"http://{outside}:{port}"
         assert httpx.get(f"{there}/v1/jobs?limit=1", timeout=10).status_code == 200
-        named = httpx.get(f"{there}/v1/jobs", headers={"Host": f"rbee-rebound.example:{port}"}, timeout=10)
+        named = httpx.get(
+            f"{there}/v1/jobs", headers={"Host": f"rbee-rebound.example:{port}"}, timeout=10
+        )
         assert named.status_code == 403
+        haproxy = _haproxy_pids(served.process.pid)
         with _half_open(port, PER_SOURCE, source=outside):
             refused = 0
             for _ in range(20):
@@ -232,6 +246,7 @@ def test_a_wildcard_bind_keeps_ray_on_loopback_and_bounds_each_address(tmp_path)
                     refused += response.status_code != 200
                 except httpx.HTTPError:
                     refused += 1
+            assert _haproxy_pids(served.process.pid) == haproxy  # (a reload counts anew)
             assert refused == 20  # that address has all it may hold
             assert _health_s(served.url) < 1.0  # loopback is not counted with it
 

