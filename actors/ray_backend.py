@@ -14,7 +14,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
-from ray.exceptions import ActorUnschedulableError, NodeDiedError, RayActorError, RayError
+from ray.exceptions import (
+    ActorUnavailableError,
+    ActorUnschedulableError,
+    NodeDiedError,
+    RayActorError,
+    RayError,
+)
 
 from actors.core.errors import InvalidRequest, WorkerDied
 from actors.core.events import Event, Narration, Result, StreamEvent
@@ -31,6 +37,8 @@ _NODES_S = 2.0
 _NODES_TTL_S = 5.0
 _ORPHANS_BOUND_S = 60.0
 _CONFIRM_S = 1.0
+_RESTART_WAIT_S = 30.0  #: how long a download waits for its restarting actor
+_RETRY_S = 0.2
 _ASK_S = 10.0
 # The actor doing a job is gone: it died, or its node did (a hive's actors are pinned to
 # their node, so they cannot be started again elsewhere).
@@ -73,16 +81,32 @@ class RayBackend:
             name = download_name(op.hive_id or await self._place(op.model))
         else:
             name = hive_name(op.hive_id or _default_hive_id())
-        actor = self._actor(name)
         first_id = await lease(name)
-        generator = actor.run.remote(record.job_id, op, record.correlation_id, first_id)
-        self._running[record.job_id] = (actor, generator)
+        again, back_by = isinstance(op, ModelDownload), time.monotonic() + _RESTART_WAIT_S
         try:
-            async for ref in generator:
-                yield await ref
-        except _GONE as exc:
-            self._handles.pop(name, None)  # its name may come back as a new actor
-            raise WorkerDied(f"{name} died while running the job: {_first_line(exc)}") from exc
+            while True:
+                actor = self._actor(name)
+                generator = actor.run.remote(record.job_id, op, record.correlation_id, first_id)
+                self._running[record.job_id] = (actor, generator)
+                began = False
+                try:
+                    async for ref in generator:
+                        item = await ref
+                        began = True
+                        yield item
+                    return
+                except ActorUnavailableError as exc:
+                    # Restarting (a kill -9 moments ago): a download that never began there
+                    # runs on the actor Ray brings back under its name (and resumes what
+                    # the killed one left); other work may have begun, and is not redone.
+                    if began or not again or time.monotonic() > back_by:
+                        raise WorkerDied(f"{name} is unavailable: {_first_line(exc)}") from exc
+                    await asyncio.sleep(_RETRY_S)
+                except _GONE as exc:
+                    self._handles.pop(name, None)  # its name may come back as a new actor
+                    raise WorkerDied(
+                        f"{name} died while running the job: {_first_line(exc)}"
+                    ) from exc
         finally:
             self._running.pop(record.job_id, None)
 

@@ -228,6 +228,34 @@ def test_resume_after_the_download_actor_died(api, hub, cache_dir):
     assert [p.read_bytes() == data for p in _blobs(cache_dir, repo)] == [True]
 
 
+def test_a_download_submitted_while_its_actor_restarts_waits_for_it(api, hub):
+    """kill -9 of an idle DownloadActor, and a download at once: Ray is bringing the actor
+    back (it answers "restarting"); the job runs on the new one instead of failing."""
+    import signal
+
+    from actors.naming import download_name
+    from tests.helpers import pid_of
+
+    hives = wait_state(api, submit(api, {"operation": "hive_list"}), "completed")
+    name = download_name(hives["result"]["hives"][0]["hive_id"])
+    for _ in range(3):
+        wait_for(lambda: _alive_pid(name) is not None, timeout=60)
+        repo = _repo(hub, {"model.bin": os.urandom(64 * 1024)})
+        os.kill(pid_of(name), signal.SIGKILL)
+        job_id = submit(api, {"operation": "model_download", "model": repo})
+        assert read_sse(api, f"/v1/jobs/{job_id}/stream", deadline_s=60).sentinel == "[DONE]"
+        assert job(api, job_id)["state"] == "completed"
+
+
+def _alive_pid(name: str) -> int | None:
+    from tests.helpers import pid_of
+
+    try:
+        return pid_of(name)
+    except AssertionError:
+        return None
+
+
 @pytest.mark.parametrize("first", ["rbee", "huggingface_hub"])
 def test_huggingface_hub_and_rbee_fetch_one_blob_into_one_cache_at_once(api, hub, cache_dir, first):
     """Both take the blob's ``.locks/`` lock: whichever writes, the other waits and uses it."""
