@@ -44,7 +44,7 @@ lint: install
 test: install browser
 	$(BIN)/ruff check actors serve_app tests bench
 	$(BIN)/mypy
-	RAY_AUTH_MODE=disabled RBEE_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -q
+	RAY_AUTH_MODE=disabled RBEE_TEST_CHROMIUM=$(CHROMIUM) $(BIN)/pytest -q --durations=40
 
 bench: install
 	RAY_AUTH_MODE=disabled $(BIN)/python bench/download.py
