@@ -7,7 +7,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.config import Config
+from actors.core.config import Config
 from actors.download_actor import DownloadActor
 from actors.hive import Hive
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name

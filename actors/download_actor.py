@@ -12,11 +12,11 @@ from ray.util import metrics
 from actors.adapters.downloads import ModelDownloads
 from actors.adapters.transfer import BandwidthLimiter, Downloader
 from actors.adapters.vendors import HfVendor, UrlVendor, Vendor
-from actors.config import Config
 from actors.core import logs
+from actors.core.config import Config
 from actors.core.events import StreamEvent
+from actors.core.operations import ModelDownload
 from actors.core.running import FLUSH_S, batched
-from actors.operations import ModelDownload
 
 _RATE_S = 1.0
 

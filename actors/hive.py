@@ -17,12 +17,11 @@ from ray.util import metrics
 from actors.adapters.cache import Catalog
 from actors.adapters.embedded import LOCAL_ID, gguf_path
 from actors.adapters.engine import model_context_len
-from actors.config import Config
 from actors.core import logs
+from actors.core.config import Config
 from actors.core.errors import RbeeError
 from actors.core.events import Event, Narration, Result, StreamEvent
-from actors.core.running import FLUSH_S, Runs, batched
-from actors.operations import (
+from actors.core.operations import (
     HiveStatus,
     ModelDelete,
     ModelGet,
@@ -31,6 +30,7 @@ from actors.operations import (
     WorkerSpawn,
     WorkerStop,
 )
+from actors.core.running import FLUSH_S, Runs, batched
 from actors.remote import node_view, nodes
 from actors.workers import WorkerPool
 

@@ -14,13 +14,13 @@ from ray.util import metrics
 
 from actors.adapters.answers import answer
 from actors.adapters.engine import EngineWorker
-from actors.config import EngineConfig
 from actors.core import logs, pipe
+from actors.core.config import EngineConfig
 from actors.core.events import StreamEvent
 from actors.core.jobs import Ending
+from actors.core.operations import Infer
 from actors.core.running import FLUSH_S, Ended, batched
 from actors.naming import NAMESPACE, REGISTRY
-from actors.operations import Infer
 
 
 class InferenceActor:

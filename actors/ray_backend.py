@@ -25,9 +25,9 @@ from ray.exceptions import (
 from actors.core.errors import InvalidRequest, WorkerDied
 from actors.core.events import Event, Narration, Result, StreamEvent
 from actors.core.jobs import Lease
+from actors.core.operations import HiveList, Infer, ModelDownload, Operation
 from actors.core.table import JobRecord
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
-from actors.operations import HiveList, Infer, ModelDownload
 from actors.remote import alive_nodes, node_view
 
 log = logging.getLogger("rbee.backend")
@@ -52,12 +52,12 @@ class RayBackend:
         self._nodes: tuple[float, list[dict[str, Any]]] = (0.0, [])
 
     def start(
-        self, record: JobRecord, op: Any, lease: Lease
+        self, record: JobRecord, op: Operation, lease: Lease
     ) -> AsyncIterator[Event | list[StreamEvent]]:
         return self._stream(record, op, lease)
 
     async def _stream(
-        self, record: JobRecord, op: Any, lease: Lease
+        self, record: JobRecord, op: Operation, lease: Lease
     ) -> AsyncIterator[Event | list[StreamEvent]]:
         if isinstance(op, HiveList):
             yield Result({"hives": await self.hive_list()})

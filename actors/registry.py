@@ -9,19 +9,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from ray.util import metrics
 
-from actors.config import Config
 from actors.core import logs
+from actors.core.config import Config
 from actors.core.errors import JobNotFound
 from actors.core.events import StreamEvent
 from actors.core.jobs import Adoption, Ending, Jobs
+from actors.core.operations import parse_operation
 from actors.core.store import JobStore
 from actors.core.table import JobRecord, JobState, JobTable, Lease
-from actors.operations import parse_operation
 from actors.ray_backend import RayBackend
 
 _GAUGE_S = 2.0
@@ -95,7 +94,7 @@ class JobRegistry:
         gave straight to workers (``Jobs.adopt``) and their ends (``Jobs.close``)."""
         for item in items:
             if isinstance(item, Adoption):
-                record = await self._jobs.adopt(_Adopted.of(item), item)
+                record = await self._jobs.adopt(item)
                 if record is not None:
                     self._metrics.submitted(record.operation)
             else:
@@ -104,10 +103,9 @@ class JobRegistry:
     async def close(self, ending: Ending) -> None:
         """The end of an adopted job (from a worker whose answer stopped before its end)."""
         adoption = ending.adoption
-        op = _Adopted.of(adoption) if adoption is not None else None
-        if op is not None and ending.job_id not in self._jobs.table:
-            self._metrics.submitted(op.operation)
-        await self._jobs.close(ending, op)
+        if adoption is not None and ending.job_id not in self._jobs.table:
+            self._metrics.submitted(adoption.operation)
+        await self._jobs.close(ending)
 
     async def actor_gone(self, actor: str) -> None:
         """A worker died (its hive saw it, or an ingress lost its answer's connection): its
@@ -245,14 +243,3 @@ class _Metrics:
 
     def terminal(self, record: JobRecord) -> None:
         self.jobs.inc(tags={"operation": record.operation, "state": record.state.value})
-
-
-@dataclass(frozen=True, slots=True)
-class _Adopted:
-    """What the registry needs of an adopted job's operation (the ingress parsed it)."""
-
-    operation: str
-
-    @classmethod
-    def of(cls, adoption: Adoption) -> _Adopted:
-        return cls(str(adoption.request["operation"]))

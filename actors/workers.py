@@ -29,8 +29,8 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.adapters.cache import Catalog
 from actors.adapters.embedded import LOCAL_ID, ensure_embedded
-from actors.config import Config
 from actors.core import logs
+from actors.core.config import Config
 from actors.core.errors import (
     InsufficientVram,
     InvalidRequest,

@@ -179,7 +179,7 @@ def random_file(path: Path, size: int, chunk: int = 8 * MiB) -> Path:
 def hive_config(run: Run, hub_url: str, **downloads: Any) -> Any:
     """The hive's config: a fresh cache and state dir, a free port, our download settings,
     Serve's fast path (HAProxy) unless ``RBEE_INGRESS=proxy``."""
-    from actors.config import Config
+    from actors.core.config import Config
 
     return Config.load(
         env={},

@@ -65,7 +65,7 @@ def hive(
     metrics_port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ):
-    from actors.config import Config
+    from actors.core.config import Config
     from serve_app.server.launch import Hive
 
     config = Config.load(

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from actors.config import Config
+from actors.core.config import Config
 from serve_app import sse
 from serve_app.server.app import build_app
 from serve_app.server.page import WEB
@@ -178,7 +178,7 @@ def test_the_page_and_its_files(api):
     kept = set(re.findall(r'"(/ui/[^"]+)"', worker.text))
     files = {f"/ui/{p.name}" for p in WEB.iterdir() if p.name not in ("index.html", "sw.js")}
     assert kept == files and '"/"' in worker.text
-    for missing in ("/ui/nope.js", "/ui/../actors/config.py", "/ui/%2e%2e/actors/config.py"):
+    for missing in ("/ui/nope.js", "/ui/../actors/core/config.py", "/ui/%2e%2e/actors/core/config.py"):
         response = api.get(missing)
         assert response.status_code == 404, missing
         assert response.json()["error"]["code"] == "NOT_FOUND"

@@ -19,7 +19,7 @@ import pytest
 from rich.console import Console
 
 from actors.core.events import Narration, Progress, Result, Token
-from actors.operations import OPERATION_NAMES
+from actors.core.operations import OPERATION_NAMES
 from serve_app.client import render as cli_render
 from serve_app.client.api import StreamEvent
 from tests.conftest import free_port

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from actors.config import Config, default_state_dir
+from actors.core.config import Config, default_state_dir
 
 
 def test_the_default_state_dir_is_the_platforms():

@@ -22,7 +22,7 @@ from actors.adapters.engine import (
     load_failure_message,
     model_context_len,
 )
-from actors.config import EngineConfig
+from actors.core.config import EngineConfig
 from actors.core.errors import ModelLoadFailed
 
 KV_CACHE_REFUSAL = (

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from actors.config import Config
+from actors.core.config import Config
 from serve_app.server.fast_path import (
     WRAPPER,
     FastPath,

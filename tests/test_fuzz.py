@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from actors.config import Config
+from actors.core.config import Config
 from actors.core.errors import InvalidRequest
+from actors.core.operations import OPERATION_NAMES, check_model_id
 from actors.core.table import is_job_id
-from actors.operations import OPERATION_NAMES, check_model_id
 from serve_app.server.app import build_app
 from tests.helpers import read_sse, submit
 

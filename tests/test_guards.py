@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
-from actors.config import Config
 from actors.core import logs
+from actors.core.config import Config
 from actors.core.table import new_job_id
 from actors.registry_client import Registry
 from serve_app.server.app import Api, build_app

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from actors.config import Config
+from actors.core.config import Config
 from serve_app.server.app import build_app
 from serve_app.server.guards import is_loopback
 from serve_app.server.launch import open_without_token

@@ -182,12 +182,12 @@ async def test_narration_passes_through(jobs, backend):
 
 
 def _adoption(job_id: str, actor: str = "rbee:worker:w") -> Adoption:
-    return Adoption(job_id, {"model": "m"}, "cid", actor, 1.0)
+    return Adoption(job_id, {"operation": "infer", "model": "m"}, "cid", actor, 1.0)
 
 
 async def test_an_adopted_job_runs_on_its_actor_and_ends_with_its_events(jobs, backend):
     job_id = new_job_id()
-    record = await jobs.adopt(Op("infer"), _adoption(job_id))
+    record = await jobs.adopt(_adoption(job_id))
     assert record.state is JobState.RUNNING and backend.started == []  # nothing here drives it
     assert record.created_at == 1.0
     events = [StreamEvent(1, Token("a", 1)), StreamEvent(2, Result({"text": "a"}))]
@@ -202,9 +202,9 @@ async def test_an_end_with_its_adoption_is_recorded_where_the_adoption_never_cam
     """A registry that restarted while the job ran hears only of its end."""
     job_id = new_job_id()
     events = pack([StreamEvent(1, Result({"text": ""}))])
-    await jobs.close(Ending(job_id, events, JobState.COMPLETED, _adoption(job_id)), Op("infer"))
+    await jobs.close(Ending(job_id, events, JobState.COMPLETED, _adoption(job_id)))
     assert jobs.get(job_id).state is JobState.COMPLETED
-    assert await jobs.adopt(Op("infer"), _adoption(job_id)) is None  # a late adoption: no-op
+    assert await jobs.adopt(_adoption(job_id)) is None  # a late adoption: no-op
 
 
 async def test_a_workers_end_that_comes_before_the_adoption_ends_the_job_when_it_comes(jobs):
@@ -213,7 +213,7 @@ async def test_a_workers_end_that_comes_before_the_adoption_ends_the_job_when_it
     gone = pack([StreamEvent(1, Token("a", 1))])
     await jobs.close(Ending(job_id, gone, JobState.CANCELLED))  # the client left at once
     assert job_id not in jobs.table
-    await jobs.adopt(Op("infer"), _adoption(job_id))
+    await jobs.adopt(_adoption(job_id))
     record = jobs.get(job_id)
     assert record.state is JobState.CANCELLED and record.error["code"] == "CANCELLED"
     assert next(e.event.kind for e in jobs.table.events(job_id)) == "token"
@@ -221,7 +221,7 @@ async def test_a_workers_end_that_comes_before_the_adoption_ends_the_job_when_it
 
 async def test_a_cancel_of_an_adopted_job_takes_its_events_from_the_actor(jobs, backend):
     job_id = new_job_id()
-    await jobs.adopt(Op("infer"), _adoption(job_id))
+    await jobs.adopt(_adoption(job_id))
     backend.handed[job_id] = pack([StreamEvent(1, Token("a", 1)), StreamEvent(2, Token("b", 2))])
     assert await jobs.cancel(job_id) is True
     kinds = [(e.id, e.event.kind) for e in jobs.table.events(job_id)]
@@ -235,7 +235,7 @@ async def test_a_cancel_of_an_adopted_job_takes_its_events_from_the_actor(jobs, 
 
 async def test_a_client_gone_ends_an_adopted_job_cancelled_with_the_cancel_narration(jobs):
     job_id = new_job_id()
-    await jobs.adopt(Op("infer"), _adoption(job_id))
+    await jobs.adopt(_adoption(job_id))
     await jobs.close(Ending(job_id, pack([StreamEvent(1, Token("a", 1))]), JobState.CANCELLED))
     record = jobs.get(job_id)
     assert record.state is JobState.CANCELLED and record.error["code"] == "CANCELLED"
@@ -246,7 +246,7 @@ async def test_a_client_gone_ends_an_adopted_job_cancelled_with_the_cancel_narra
 async def test_the_adopted_jobs_of_a_dead_actor_fail_worker_died(jobs):
     ids = [new_job_id() for _ in range(3)]
     for job_id, actor in zip(ids, ("rbee:worker:a", "rbee:worker:a", "rbee:worker:b"), strict=True):
-        await jobs.adopt(Op("infer"), _adoption(job_id, actor))
+        await jobs.adopt(_adoption(job_id, actor))
     await jobs.actor_gone("rbee:worker:a")
     states = [jobs.get(j).state for j in ids]
     assert states == [JobState.FAILED, JobState.FAILED, JobState.RUNNING]

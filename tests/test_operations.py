@@ -1,7 +1,7 @@
 import pytest
 
 from actors.core.errors import InvalidRequest, UnsafePath
-from actors.operations import ModelDownload, check_id, is_id, parse_operation
+from actors.core.operations import ModelDownload, check_id, is_id, parse_operation
 
 
 def test_download_defaults():

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 
 from actors.adapters.vendors import HfVendor
-from actors.config import Config
+from actors.core.config import Config
 from tests.conftest import HUB_TOKEN
 from tests.helpers import read_sse, submit
 

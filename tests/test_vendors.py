@@ -10,9 +10,9 @@ import pytest
 
 from actors.adapters.transfer import Downloader
 from actors.adapters.vendors import HfVendor, UrlVendor
-from actors.config import DownloadConfig
+from actors.core.config import DownloadConfig
 from actors.core.errors import BadHubAnswer, DownloadFailed
-from actors.operations import ModelDownload
+from actors.core.operations import ModelDownload
 from tests.fakehub import FakeHub
 
 DATA = b"x" * 1000

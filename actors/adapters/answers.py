@@ -22,9 +22,9 @@ from collections.abc import AsyncGenerator
 from actors.adapters.engine import EngineWorker
 from actors.core.errors import RbeeError
 from actors.core.events import Error, Result, StreamEvent, Token
+from actors.core.operations import Infer
 from actors.core.running import Ended, batched
 from actors.core.table import JobState
-from actors.operations import Infer
 
 DONE = "data: [DONE]\n\n"
 

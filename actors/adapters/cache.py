@@ -21,7 +21,7 @@ from huggingface_hub.errors import CacheNotFound
 
 from actors.adapters.transfer import check_inside
 from actors.core.errors import BadHubAnswer, ModelNotFound
-from actors.operations import check_model_id, check_relative_path
+from actors.core.operations import check_model_id, check_relative_path
 
 INCOMPLETE = ".incomplete"
 

@@ -15,8 +15,8 @@ from actors.adapters.transfer import Downloader, resumable_bytes
 from actors.adapters.vendors import DownloadPlan, PlannedFile, Vendor
 from actors.core.errors import DownloadFailed, InvalidRequest
 from actors.core.events import Event, Narration, Progress, Result, StreamEvent
+from actors.core.operations import ModelDownload
 from actors.core.running import Run, Runs
-from actors.operations import ModelDownload
 
 ACTOR = "download"
 

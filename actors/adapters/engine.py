@@ -23,11 +23,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from actors.adapters.openai_serving import OpenAiServing
-from actors.config import EngineConfig
+from actors.core.config import EngineConfig
 from actors.core.errors import InvalidRequest, ModelLoadFailed
 from actors.core.events import Event, Narration, Result, StreamEvent, Token, pack
+from actors.core.operations import Infer, OpenAiCall
 from actors.core.running import Run, Runs
-from actors.operations import Infer, OpenAiCall
 
 log = logging.getLogger("rbee.engine")
 

@@ -39,7 +39,7 @@ from huggingface_hub.utils import filter_repo_objects  # type: ignore[attr-defin
 
 from actors.adapters.cache import RepoLayout, check_commit, check_etag, is_commit
 from actors.adapters.transfer import FileSpec, content_length, transport_errors
-from actors.config import DownloadConfig
+from actors.core.config import DownloadConfig
 from actors.core.errors import (
     BadHubAnswer,
     DownloadFailed,
@@ -47,7 +47,7 @@ from actors.core.errors import (
     ModelNotFound,
     UnsafePath,
 )
-from actors.operations import ModelDownload, check_relative_path
+from actors.core.operations import ModelDownload, check_relative_path
 
 T = TypeVar("T")
 

@@ -26,6 +26,7 @@ from actors.core.errors import (
 )
 from actors.core.events import Error, Event, Narration, Packed, Result, StreamEvent, unpack
 from actors.core.logs import context
+from actors.core.operations import Operation
 from actors.core.table import IllegalTransition, JobRecord, JobState, JobTable
 
 log = logging.getLogger("rbee.jobs")
@@ -52,6 +53,10 @@ class Adoption:
     actor: str
     created_at: float
 
+    @property
+    def operation(self) -> str:
+        return str(self.request["operation"])  # (the ingress parsed the request)
+
 
 @dataclass(frozen=True, slots=True)
 class Ending:
@@ -67,7 +72,7 @@ class Ending:
 
 class Backend(Protocol):
     def start(
-        self, record: JobRecord, op: Any, lease: Lease
+        self, record: JobRecord, op: Operation, lease: Lease
     ) -> AsyncIterator[Event | list[StreamEvent]]:
         """Begin the work; iterate for its events: the backend's own, one at a time, and the
         numbered ones of the actor it leased the job to, in lists."""
@@ -108,20 +113,20 @@ class Jobs:
         #: are not ordered): the adoption closes the job at once
         self._early: OrderedDict[str, Ending] = OrderedDict()
 
-    def submit(self, op: Any, request: dict[str, Any], correlation_id: str) -> JobRecord:
+    def submit(self, op: Operation, request: dict[str, Any], correlation_id: str) -> JobRecord:
         """Create the job and start driving it; returns at once."""
         record = self.table.create(op.operation, request, correlation_id)
         self._tasks[record.job_id] = asyncio.create_task(self._drive(record, op))
         return record
 
-    async def adopt(self, op: Any, adoption: Adoption) -> JobRecord | None:
+    async def adopt(self, adoption: Adoption) -> JobRecord | None:
         """A job already running on its actor: nothing here drives it. Its record is
         running, its events leased to that actor from the first id, and its end comes with
         ``close``; None if its end came first (it is recorded then)."""
         if adoption.job_id in self.table:
             return None
         record = self.table.create(
-            op.operation, adoption.request, adoption.correlation_id, adoption.job_id,
+            adoption.operation, adoption.request, adoption.correlation_id, adoption.job_id,
             created_at=adoption.created_at,
         )  # fmt: skip
         await self.table.transition(adoption.job_id, JobState.RUNNING)
@@ -132,18 +137,18 @@ class Jobs:
             await self.close(early)
         return record
 
-    async def close(self, ending: Ending, op: Any = None) -> None:
+    async def close(self, ending: Ending) -> None:
         """The end of an adopted job, as the ingress (or the worker, when the answer
         stopped before its end) saw it. A job that ended here already keeps its end; one
         never adopted here (a restart in between) is recorded from ``ending.adoption``."""
         job_id = ending.job_id
         if job_id not in self.table:
-            if ending.adoption is None or op is None:  # its adoption is on its way
+            if ending.adoption is None:  # its adoption is on its way
                 self._early[job_id] = ending
                 while len(self._early) > EARLY_ENDS:
                     self._early.popitem(last=False)
                 return
-            await self.adopt(op, ending.adoption)
+            await self.adopt(ending.adoption)
         record = self.get(job_id)
         if record.state.terminal or job_id in self._cancels:
             return
@@ -240,7 +245,7 @@ class Jobs:
         await self.table.emit(record.job_id, Error(**error.to_dict()))
         await self._finish(record, JobState.CANCELLED)
 
-    async def _drive(self, record: JobRecord, op: Any) -> None:
+    async def _drive(self, record: JobRecord, op: Operation) -> None:
         logs.bind(record.job_id, record.correlation_id)  # this task is the job's own
         slot = self._slots.get(record.operation)
         try:
@@ -252,12 +257,13 @@ class Jobs:
         finally:  # a cancel ends this task cancelled; ``_cancel`` waits for it
             self._tasks.pop(record.job_id, None)
 
-    async def _run(self, record: JobRecord, op: Any) -> None:
+    async def _run(self, record: JobRecord, op: Operation) -> None:
         if record.cancel_requested or record.state.terminal:
             return
         job_id = record.job_id
         await self.table.transition(job_id, JobState.RUNNING)
         failed: dict[str, Any] | None = None
+        raised: Exception | None = None
         result = False
 
         async def lease(actor: str) -> int:
@@ -276,20 +282,13 @@ class Jobs:
                         await self.table.emit(job_id, item)
             finally:
                 await asyncio.shield(self.table.release(job_id))
-        except asyncio.CancelledError:
-            raise
-        except RbeeError as exc:
-            if record.cancel_requested:
-                return
-            failed = exc.to_dict()
-            await self.table.emit(job_id, Error(**failed))
-        except Exception as exc:
-            if record.cancel_requested:
-                return
-            failed = _unexpected(exc)
-            await self.table.emit(job_id, Error(**failed))
-        if record.cancel_requested and (failed or not result):
+        except Exception as exc:  # the job's failure (a cancel, BaseException, unwinds)
+            raised = exc
+        if record.cancel_requested and (raised or failed or not result):
             return  # stopped by the cancel, whose path speaks for the job from here
+        if raised is not None:
+            failed = raised.to_dict() if isinstance(raised, RbeeError) else _unexpected(raised)
+            await self.table.emit(job_id, Error(**failed))
         await self._finish(record, JobState.FAILED if failed else JobState.COMPLETED)
 
     async def _finish(self, record: JobRecord, state: JobState) -> None:

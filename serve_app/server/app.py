@@ -15,10 +15,10 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actors.config import Config
+from actors.core.config import Config
 from actors.core.errors import InvalidRequest, JobNotFound, RbeeError
+from actors.core.operations import OPERATION_NAMES
 from actors.core.table import JOB_ID, JobState, is_job_id
-from actors.operations import OPERATION_NAMES
 from actors.registry_client import CancelAnswer, Registry
 from serve_app import sse
 from serve_app.server.board import Board, Position

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray.exceptions import RayActorError
 
-from actors.config import Config
+from actors.core.config import Config
 from actors.core.errors import InvalidRequest
 from actors.registry_client import RETRY_S, Registry
 

@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 
 from actors.cluster import ON_HEAD, ensure_cluster
-from actors.config import Config
+from actors.core.config import Config
 from actors.core.errors import InvalidRequest
 from actors.core.events import StreamEvent
 from actors.registry_client import Registry

@@ -32,7 +32,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from actors.config import ServerConfig
+from actors.core.config import ServerConfig
 from actors.core.errors import Forbidden, RbeeError, Unauthorized, UnsupportedMediaType
 from serve_app.server.errors import response_for
 

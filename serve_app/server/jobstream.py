@@ -17,7 +17,7 @@ import ray
 from ray.exceptions import RayActorError, RayError, TaskCancelledError
 from starlette.requests import Request
 
-from actors.config import Config
+from actors.core.config import Config
 from actors.core.errors import (
     BodyTooLarge,
     InvalidRequest,
@@ -30,9 +30,9 @@ from actors.core.errors import (
     error_class,
 )
 from actors.core.events import Result, StreamEvent
+from actors.core.operations import OPERATION_NAMES
 from actors.core.table import JobState, Lease
 from actors.naming import NAMESPACE
-from actors.operations import OPERATION_NAMES
 from actors.registry_client import RETRY_S, CancelAnswer, Registry
 
 log = logging.getLogger("rbee.jobstream")

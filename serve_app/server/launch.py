@@ -30,8 +30,8 @@ from ray import serve
 
 from actors.adapters.embedded import LOCAL_ID
 from actors.cluster import shutdown_cluster
-from actors.config import Config, ServerConfig
 from actors.core import logs
+from actors.core.config import Config, ServerConfig
 from actors.core.errors import JobCancelled
 from actors.core.store import JobStore
 from actors.core.table import JobState

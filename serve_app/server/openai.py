@@ -33,9 +33,9 @@ from actors.core import pipe
 from actors.core.errors import InvalidRequest, RbeeError, WorkerDied, error_class
 from actors.core.events import Error, Result, StreamEvent, Token
 from actors.core.jobs import Adoption, Ending
+from actors.core.operations import parse_operation
 from actors.core.running import Ended
 from actors.core.table import new_job_id
-from actors.operations import parse_operation
 from actors.registry_client import Registry
 from serve_app.server import direct
 from serve_app.server.errors import actor_gone_error, openai_body, response_for
