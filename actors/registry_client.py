@@ -12,11 +12,13 @@ always comes after the job's adoption.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError, TaskCancelledError
 
 from actors.core.errors import Unavailable, rbee_cause
 from actors.core.events import StreamEvent
@@ -28,6 +30,9 @@ MAIL_MAX = 256
 READ_WAIT_S = 15.0
 """How long a read waits for a registry that is restarting (Ray restarts it)."""
 RETRY_S = 0.5
+CANCEL_ATTEMPTS = 10
+
+log = logging.getLogger("rbee.registry_client")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,7 @@ class Registry:
         self.handle = handle
         self._mail: list[Adoption | Ending] = []
         self._sending: asyncio.TimerHandle | None = None
+        self._delivering: set[asyncio.Task[None]] = set()
 
     # -- what nothing waits for ------------------------------------------------------------
 
@@ -88,6 +94,30 @@ class Registry:
     def actor_gone(self, actor: str) -> None:
         self.send()
         self.handle.actor_gone.remote(actor)
+
+    def cancel_soon(self, job_id: str, *, correlation_id: str | None = None) -> None:
+        """Ask for the job's cancel without waiting: safe in the cleanup of a request Serve
+        is cancelling. Ray cancels the calls a request made along with it (``ray.cancel``
+        is recursive), and one sent from its cleanup can be dropped before it runs: the
+        call is made from a task outside the request's context, and again while dropped."""
+        task = asyncio.get_running_loop().create_task(
+            self._deliver_cancel(job_id, correlation_id), context=contextvars.Context()
+        )
+        self._delivering.add(task)
+        task.add_done_callback(self._delivering.discard)
+
+    async def _deliver_cancel(self, job_id: str, correlation_id: str | None) -> None:
+        for _ in range(CANCEL_ATTEMPTS):
+            self.send()
+            try:
+                await self.handle.cancel.remote([job_id], correlation_id)
+                return
+            except TaskCancelledError:
+                log.warning("the cancel of %s was dropped by Ray: sending it again", job_id)
+            except RayError as exc:  # the registry is gone: a restart ends the job anyway
+                log.warning("could not cancel %s: %r", job_id, exc)
+                return
+        log.error("the cancel of %s was dropped %d times", job_id, CANCEL_ATTEMPTS)
 
     # -- calls -----------------------------------------------------------------------------
 

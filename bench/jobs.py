@@ -49,6 +49,8 @@ from _common import (
 from _infer import TINY, Model, add_worker
 from rich.table import Table
 
+from serve_app import sse
+
 STORM_TARGET_S = 2.0
 THREADS = 8
 SLOTS = 2  #: downloads.concurrency of the hive; that many fillers keep the queue closed
@@ -220,7 +222,7 @@ async def _one_token(url: str, n: int, in_flight: int) -> dict[str, Any]:
                 started = time.perf_counter()
                 async with http.stream("POST", "/v1/completions", json=body) as response:
                     text = (await response.aread()).decode()
-                if response.status_code != 200 or not text.endswith("data: [DONE]\n\n"):
+                if response.status_code != 200 or not text.endswith(sse.DATA_DONE):
                     failed += 1
                     continue
                 latencies.append((time.perf_counter() - started) * 1000)

@@ -1,6 +1,8 @@
 """The wire format of job events (SPEC §4), both ways: ``id:``, ``event:``, one JSON
-``data:`` line per event, a ``data:`` sentinel to close. The server writes it here; the
-client, the tests and the benchmarks read it here."""
+``data:`` line per event, a ``data:`` sentinel to close; and OpenAI's streams, ``data:``
+lines alone (vLLM's chunks as vLLM wrote them, then ``data: [DONE]``). Every process that
+writes SSE writes it here (the ingress, and the worker that writes an OpenAI answer's
+bytes itself); the client, the tests and the benchmarks read it here."""
 
 from __future__ import annotations
 
@@ -25,9 +27,21 @@ def frame(id: str, kind: str, data: Any) -> str:
     return f"id: {id}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
+def data(text: str) -> str:
+    """One ``data:`` line of OpenAI's streams (``text`` has no newline: a JSON chunk)."""
+    return f"data: {text}\n\n"
+
+
+def data_json(obj: Any) -> str:
+    return data(json.dumps(obj, separators=(",", ":")))
+
+
+DATA_DONE = data(DONE)  #: the end of an OpenAI stream (and of a job's that completed)
+
+
 def sentinel(state: str, error: dict[str, Any] | None) -> str:
     if state == "completed":
-        return f"data: {DONE}\n\n"
+        return DATA_DONE
     if state == "cancelled":
         return f"data: {CANCELLED}\n\n"
     message = (error or {}).get("message", "failed")

@@ -94,12 +94,29 @@ async def test_list_is_newest_first_and_filters():
         errors.IntegrityError("sha mismatch"),
         errors.UnsafePath("../x"),
         errors.JobCancelled("stop"),
+        errors.UnknownError("newer", code="QUOTA_NEXT_YEAR", param="n", retriable=True),
     ],
 )
 def test_errors_survive_pickle(error):
     back = pickle.loads(pickle.dumps(error))
     assert type(back) is type(error)
     assert back.to_dict() == error.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("code", "cls"),
+    [
+        ("MODEL_NOT_FOUND", errors.ModelNotFound),
+        ("INVALID_REQUEST", errors.InvalidRequest),
+        ("WORKER_DIED", errors.WorkerDied),
+        ("INTERNAL", errors.InternalError),
+        ("QUOTA_NEXT_YEAR", errors.UnknownError),
+    ],
+)
+def test_a_wire_error_becomes_its_class_in_one_place(code, cls):
+    error = errors.error_from(code, "why", retriable=True, param="model")
+    assert type(error) is cls
+    assert error.to_dict() == {"code": code, "message": "why", "retriable": True, "param": "model"}
 
 
 def test_illegal_transition_survives_pickle():

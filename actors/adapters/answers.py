@@ -25,12 +25,7 @@ from actors.core.events import Error, Result, StreamEvent, Token
 from actors.core.operations import Infer
 from actors.core.running import Ended, batched
 from actors.core.table import JobState
-
-DONE = "data: [DONE]\n\n"
-
-
-def _line(data: str) -> str:
-    return f"data: {data}\n\n"
+from serve_app import sse
 
 
 async def answer(
@@ -51,13 +46,13 @@ async def answer(
             for item in batch:
                 event = item.event
                 if isinstance(event, Token) and event.wire is not None:
-                    out.append(_line(event.wire))
+                    out.append(sse.data(event.wire))
                 elif isinstance(event, Result) and "openai" in event.value:
                     ended.answer = event  # a whole answer: the ingress writes it as JSON
                 elif isinstance(event, Result):
                     usage = event.value.get("usage_chunk")
-                    tail += [_line(usage)] if usage else []
-                    tail.append(DONE)
+                    tail += [sse.data(usage)] if usage else []
+                    tail.append(sse.DATA_DONE)
             if out and not tail:
                 yield "".join(out).encode()
             elif out:

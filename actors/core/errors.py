@@ -24,7 +24,12 @@ caller may retry. All of them survive ``pickle`` because Ray ships them between 
     ├── DownloadFailed             DOWNLOAD_FAILED     (retriable unless the bytes were wrong)
     │   ├── IntegrityError         DOWNLOAD_FAILED     (checksum mismatch; fatal)
     │   └── BadHubAnswer           DOWNLOAD_FAILED     (the hub broke the protocol's rules; fatal)
-    └── InternalError              INTERNAL
+    ├── InternalError              INTERNAL
+    └── UnknownError               its own code        (a code no class here declares: a
+                                                        newer server's, read by a client)
+
+A wire error (``{"code", "message", ...}``) becomes its exception in one place:
+``error_from``.
 """
 
 from __future__ import annotations
@@ -205,3 +210,36 @@ def error_class(code: str) -> type[RbeeError] | None:
             best, depth = cls, level
         stack += [(sub, level + 1) for sub in cls.__subclasses__()]
     return best
+
+
+class UnknownError(RbeeError):
+    """An error whose ``code`` no class here declares (a newer server's): it keeps it."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        retriable: bool | None = None,
+        param: str | None = None,
+        code: str = "",
+    ) -> None:
+        super().__init__(message, retriable=retriable, param=param)
+        self.code = code or RbeeError.code
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unknown, (self.message, self.retriable, self.param, self.code))
+
+
+def _unknown(message: str, retriable: bool, param: str | None, code: str) -> UnknownError:
+    return UnknownError(message, retriable=retriable, param=param, code=code)
+
+
+def error_from(
+    code: str, message: str, *, retriable: bool | None = None, param: str | None = None
+) -> RbeeError:
+    """The exception a wire error stands for (an ``error`` event, an error answer): its
+    code's class (``error_class``), else an ``UnknownError`` that keeps the code."""
+    cls = error_class(code)
+    if cls is None:
+        return UnknownError(message, retriable=retriable, param=param, code=code)
+    return cls(message, retriable=retriable, param=param)

@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from actors.core.errors import JobCancelled, RbeeError, error_class
+from actors.core.errors import JobCancelled, RbeeError, UnknownError, error_class, error_from
 from actors.core.events import Error, Result, StreamEvent, event_from, payload
 from serve_app import sse
 
@@ -55,27 +55,12 @@ class ServerUnavailable(RbeeError):
     retriable = True
 
 
-class ServerError(RbeeError):
-    """An error whose ``code`` this client has no class for (a newer server)."""
-
-    def __init__(self, message: str = "", *, retriable: bool | None = None, code: str = "") -> None:
-        super().__init__(message, retriable=retriable)
-        self.code = code or "INTERNAL"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_server_error, (self.message, self.retriable, self.code))
-
-
-def _server_error(message: str, retriable: bool, code: str) -> ServerError:
-    return ServerError(message, retriable=retriable, code=code)
+ServerError = UnknownError  #: an error whose ``code`` this client has no class for (a newer server)
 
 
 def to_error(code: str, message: str, retriable: bool | None = None) -> RbeeError:
     """The exception for an error the server reported as ``{"code","message"}``."""
-    cls = error_class(code)
-    if cls is None:
-        return ServerError(message, retriable=retriable, code=code)
-    return cls(message, retriable=retriable)
+    return error_from(code, message, retriable=retriable)
 
 
 def _raise_for(response: httpx.Response) -> None:

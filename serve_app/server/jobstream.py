@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import logging
 import math
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, TaskCancelledError
+from ray.exceptions import RayActorError, RayError
 from starlette.requests import Request
 
 from actors.core.config import Config
@@ -27,7 +26,7 @@ from actors.core.errors import (
     MalformedBody,
     RbeeError,
     WorkerDied,
-    error_class,
+    error_from,
 )
 from actors.core.events import Result, StreamEvent
 from actors.core.operations import OPERATION_NAMES
@@ -39,7 +38,6 @@ log = logging.getLogger("rbee.jobstream")
 
 TERMINAL = frozenset(s.value for s in JobState if s.terminal)
 _PAGE = 1000
-_CANCEL_ATTEMPTS = 10
 REGISTRY_BACK_S = 60.0
 """How long a follower waits for a registry that died to come back (Ray restarts it)."""
 
@@ -73,7 +71,6 @@ class JobStream:
     def __init__(self, config: Config, registry: Registry) -> None:
         self.config = config
         self.registry = registry
-        self._delivering: set[asyncio.Task[None]] = set()
         self._handles: dict[str, Any] = {}
 
     async def read_json(self, request: Request) -> Any:
@@ -220,34 +217,6 @@ class JobStream:
                 result = item.event.value
         return result
 
-    def cancel_soon(self, job_id: str, cid: str | None = None) -> None:
-        """Ask for a cancel without waiting (safe inside cleanup of a cancelled task).
-
-        Ray cancels the calls a request made along with the request (``ray.cancel`` is
-        recursive): a cancel sent from the cleanup of a request Serve is cancelling can be
-        dropped before it runs. So the call is made from a task of its own, outside the
-        request's context, and made again until the registry has it.
-        """
-        task = asyncio.get_running_loop().create_task(
-            self._deliver_cancel(job_id, cid), context=contextvars.Context()
-        )
-        self._delivering.add(task)
-        task.add_done_callback(self._delivering.discard)
-
-    async def _deliver_cancel(self, job_id: str, cid: str | None) -> None:
-        for _ in range(_CANCEL_ATTEMPTS):
-            self.registry.send()
-            ref = self.registry.handle.cancel.remote([job_id], cid)
-            try:
-                await ref
-                return
-            except TaskCancelledError:
-                log.warning("the cancel of %s was dropped by Ray: sending it again", job_id)
-            except RayError as exc:  # the registry is gone: a restart ends the job anyway
-                log.warning("could not cancel %s: %r", job_id, exc)
-                return
-        log.error("the cancel of %s was dropped %d times", job_id, _CANCEL_ATTEMPTS)
-
     async def models(self) -> list[dict[str, Any]]:
         return await self.registry.models()
 
@@ -277,9 +246,13 @@ def raise_end(job_id: str, end: End) -> None:
     if end.state == JobState.CANCELLED.value:
         raise JobCancelled(error.get("message") or f"job {job_id} was cancelled")
     if end.state != JobState.COMPLETED.value:
-        cls = error_class(str(error.get("code"))) or RbeeError
         message = error.get("message") or f"job {job_id} failed"
-        raise cls(message, retriable=error.get("retriable"), param=error.get("param"))
+        raise error_from(
+            str(error.get("code", RbeeError.code)),
+            message,
+            retriable=error.get("retriable"),
+            param=error.get("param"),
+        )
 
 
 def _lost(message: str) -> End:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import (
@@ -30,13 +29,14 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from actors.core import pipe
-from actors.core.errors import InvalidRequest, RbeeError, WorkerDied, error_class
+from actors.core.errors import InvalidRequest, RbeeError, WorkerDied, error_from
 from actors.core.events import Error, Result, StreamEvent, Token
 from actors.core.jobs import Adoption, Ending
 from actors.core.operations import parse_operation
 from actors.core.running import Ended
 from actors.core.table import new_job_id
 from actors.registry_client import Registry
+from serve_app import sse
 from serve_app.server import direct
 from serve_app.server.errors import actor_gone_error, openai_body, response_for
 from serve_app.server.jobstream import Item, JobStream, correlation_id
@@ -185,7 +185,7 @@ class OpenAi:
             gone.cancel()
             waiting.cancel()
             if not settled:
-                self._jobs.cancel_soon(job_id)
+                self._jobs.registry.cancel_soon(job_id)
 
     async def _submit(self, request: Request, op: dict[str, Any]) -> str:
         """Submit the job; a client gone before its id came back still gets it cancelled."""
@@ -198,7 +198,7 @@ class OpenAi:
 
     def _cancel_submitted(self, submitted: asyncio.Future[str]) -> None:
         if not submitted.cancelled() and submitted.exception() is None:
-            self._jobs.cancel_soon(submitted.result())
+            self._jobs.registry.cancel_soon(submitted.result())
 
 
 async def _first_answer(events: AsyncGenerator[list[Item], None]) -> list[Item]:
@@ -229,7 +229,7 @@ async def _stream(
             if out := "".join(_wire(batch)):
                 yield out
             batch = await anext(events, None)
-        yield "data: [DONE]\n\n"
+        yield sse.DATA_DONE
 
 
 def _wire(batch: list[Item]) -> Iterator[str]:
@@ -238,16 +238,16 @@ def _wire(batch: list[Item]) -> Iterator[str]:
             continue
         event = item.event
         if isinstance(event, Token) and event.wire is not None:
-            yield f"data: {event.wire}\n\n"
+            yield sse.data(event.wire)
         elif isinstance(event, Result) and "usage_chunk" in event.value:
-            yield f"data: {event.value['usage_chunk']}\n\n"
+            yield sse.data(event.value["usage_chunk"])
         elif isinstance(event, Error):
-            yield _sse(openai_body(_error_of(event)))
+            yield sse.data_json(openai_body(_error_of(event)))
 
 
 def _error_of(event: Error) -> RbeeError:
     """The job's error event as rbee's error of its code (with the parameter at fault)."""
-    return (error_class(event.code) or RbeeError)(event.message, param=event.param)
+    return error_from(event.code, event.message, retriable=event.retriable, param=event.param)
 
 
 class _JobStreamResponse(StreamingResponse):
@@ -278,7 +278,7 @@ class _JobStreamResponse(StreamingResponse):
         finally:
             if not self._ended:
                 log.info("client of %s gone before the job ended: cancelling it", self._job_id)
-                self._jobs.cancel_soon(self._job_id)
+                self._jobs.registry.cancel_soon(self._job_id)
             for iterator in (self.body_iterator, self._body):
                 aclose = getattr(iterator, "aclose", None)
                 if aclose is not None:
@@ -314,7 +314,7 @@ async def _chunks(
                 raise _error_of(item.answer)
             yield item.tail
     except RbeeError as exc:
-        yield (_sse(openai_body(exc)) + "data: [DONE]\n\n").encode()
+        yield (sse.data_json(openai_body(exc)) + sse.DATA_DONE).encode()
 
 
 def _tell_end(registry: Registry, adoption: Adoption, ended: Ended) -> None:
@@ -350,10 +350,6 @@ class _AnswerResponse(StreamingResponse):
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
 def _in_openai_shape(handler: Handler) -> Handler:
