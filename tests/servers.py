@@ -81,11 +81,12 @@ def serving(
     *,
     args: tuple[str, ...] = (),
     env: dict[str, str] | None = None,
+    port: int | None = None,
     **config: Any,
 ) -> Iterator[Served]:
     """``rbee serve`` (with ``args``) in a new session, with a temp state dir, cache and Ray
     dir; ``env`` is added to its environment."""
-    port = free_port()
+    port = port or free_port()
     config_file = tmp_path / "rbee.yaml"
     config_file.write_text(yaml.safe_dump({"embedded": False, "preload": [], **config}))
     ray_dir = Path(tempfile.mkdtemp(prefix="rbee-ray-", dir="/tmp"))  # short: Ray's sockets

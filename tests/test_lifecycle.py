@@ -160,3 +160,53 @@ def test_a_failed_or_cancelled_preload_leaves_the_server_serving(tmp_path):
         # memory must go all the same.
         segments = _stop(served, to_group=True)
         assert any(s.name.startswith("psm_") for s in segments), "vLLM mapped no psm_ segment"
+
+
+def test_two_cold_starts_at_once_each_answer_jobs_from_the_first_health(tmp_path):
+    """Two servers start on one machine at once. For each, a job submitted the moment its
+    ``/health`` first answers 200 is made (never Serve's 404 of a route table not filled
+    yet), on that server: the other has never heard of it."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    from contextlib import ExitStack
+
+    from tests.conftest import free_port
+
+    ports = [free_port(), free_port()]
+    first: dict[int, httpx.Response] = {}
+
+    def submit_at_first_health(port: int, until: float) -> None:
+        url = f"http://127.0.0.1:{port}"
+        while time.monotonic() < until:
+            try:
+                healthy = httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+            if healthy:
+                first[port] = httpx.post(f"{url}/v1/jobs", json={"operation": "hive_list"}, timeout=30)
+                return
+            time.sleep(0.05)
+
+    until = time.monotonic() + 240
+    watchers = [threading.Thread(target=submit_at_first_health, args=(p, until)) for p in ports]
+    for watcher in watchers:
+        watcher.start()
+    for p in ports:
+        (tmp_path / str(p)).mkdir()
+    contexts = [serving(tmp_path / str(p), port=p) for p in ports]
+    with ExitStack() as stack:
+        with ThreadPoolExecutor(2) as pool:
+            starts = [pool.submit(c.__enter__) for c in contexts]
+        for context, start in zip(contexts, starts, strict=True):
+            if start.exception() is None:
+                stack.push(context.__exit__)
+        served = [start.result() for start in starts]
+        for watcher in watchers:
+            watcher.join(timeout=60)
+        assert sorted(first) == sorted(ports)
+        for own, other in ((served[0], served[1]), (served[1], served[0])):
+            answer = first[int(own.url.rsplit(":", 1)[1])]
+            assert answer.status_code == 201, answer.text
+            job_id = answer.json()["job_id"]
+            assert httpx.get(f"{own.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
+            assert httpx.get(f"{other.url}/v1/jobs/{job_id}", timeout=10).status_code == 404
