@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 from ray.util import metrics
@@ -16,7 +17,7 @@ from actors.core import logs
 from actors.core.config import Config
 from actors.core.events import StreamEvent
 from actors.core.operations import ModelDownload
-from actors.core.running import FLUSH_S, batched
+from actors.core.running import FLUSH_S, Stop, batched
 
 _RATE_S = 1.0
 
@@ -88,10 +89,8 @@ class DownloadActor:
         async for batch in self._downloads.watch(job_id, after):
             yield batch
 
-    async def cancel(
-        self, job_id: str, accepted_at: float | None = None
-    ) -> dict[str, float | None]:
-        return await self._downloads.cancel(job_id, accepted_at)
+    async def cancel(self, job_id: str, stop: Stop) -> dict[str, Any]:
+        return await self._downloads.cancel(job_id, stop)
 
     async def ready(self) -> bool:
         return True

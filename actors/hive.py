@@ -30,7 +30,7 @@ from actors.core.operations import (
     WorkerSpawn,
     WorkerStop,
 )
-from actors.core.running import FLUSH_S, Runs, batched
+from actors.core.running import FLUSH_S, Runs, Stop, batched
 from actors.remote import node_view, nodes
 from actors.workers import WorkerPool
 
@@ -79,8 +79,8 @@ class Hive:
         async for batch in self._runs.watch(job_id, after):
             yield batch
 
-    async def cancel(self, job_id: str, accepted_at: float | None = None) -> dict[str, Any]:
-        await self._runs.cancel(job_id, accepted_at)
+    async def cancel(self, job_id: str, stop: Stop) -> dict[str, Any]:
+        await self._runs.cancel(job_id, stop)
         return {}
 
     async def find_worker(self, model: str, worker_id: str | None = None) -> str | None:

@@ -19,7 +19,7 @@ from actors.core.config import EngineConfig
 from actors.core.events import StreamEvent
 from actors.core.jobs import Ending
 from actors.core.operations import Infer
-from actors.core.running import FLUSH_S, Ended, batched
+from actors.core.running import FLUSH_S, Ended, Stop, batched
 from actors.naming import NAMESPACE, REGISTRY
 
 
@@ -94,8 +94,8 @@ class InferenceActor:
         async for batch in self._worker.watch(job_id, after, self._linger_s):
             yield batch
 
-    async def cancel(self, job_id: str, accepted_at: float | None = None) -> dict[str, Any]:
-        return await self._worker.cancel(job_id, accepted_at)
+    async def cancel(self, job_id: str, stop: Stop) -> dict[str, Any]:
+        return await self._worker.cancel(job_id, stop)
 
     def describe(self) -> dict[str, Any]:
         return {

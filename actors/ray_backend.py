@@ -1,8 +1,9 @@
 """How the registry reaches the actors that do the work: find them, start the call, stop it.
 
 Stopping is the actor's ``cancel``: it cancels the job's task there (the cooperative
-flag stops a body between events) and returns once the job has cleaned up. ``ray.cancel``
-of the call is the backstop for an actor that does not answer that in time.
+flag stops a body between events) and returns once the job has cleaned up, or at the
+deadline the registry handed down (``running.Stop``). ``ray.cancel`` of the call is the
+backstop for an actor that has not answered by then.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from actors.core.errors import InvalidRequest, WorkerDied
 from actors.core.events import Event, Narration, Result, StreamEvent
 from actors.core.jobs import Lease
 from actors.core.operations import HiveList, Infer, ModelDownload, Operation
+from actors.core.running import Stop
 from actors.core.table import JobRecord
 from actors.naming import NAMESPACE, REGISTRY, download_name, hive_id_of, hive_name
 from actors.remote import alive_nodes, node_view
@@ -35,8 +37,6 @@ log = logging.getLogger("rbee.backend")
 ACTOR = "registry"
 _NODES_S = 2.0
 _NODES_TTL_S = 5.0
-_ORPHANS_BOUND_S = 60.0
-_CONFIRM_S = 1.0
 _RESTART_WAIT_S = 30.0  #: how long a download waits for its restarting actor
 _RETRY_S = 0.2
 _ASK_S = 10.0
@@ -111,30 +111,24 @@ class RayBackend:
             self._running.pop(record.job_id, None)
 
     async def stop(
-        self, record: JobRecord, accepted_at: float, actor: str | None = None
+        self, record: JobRecord, stop: Stop, actor: str | None = None
     ) -> dict[str, Any] | None:
         running = self._running.get(record.job_id)
         if running is None and actor is None:
             return None
         handle, generator = running if running is not None else (self._actor(actor or ""), None)
-        confirmed = asyncio.ensure_future(handle.cancel.remote(record.job_id, accepted_at))
         try:
-            try:
-                result: dict[str, Any] = await asyncio.wait_for(
-                    asyncio.shield(confirmed), _CONFIRM_S
-                )
-            except TimeoutError:
-                log.warning(
-                    "%s: no cancel confirmed in %gs: cancelling the call", record.job_id, _CONFIRM_S
-                )
-                if generator is not None:
-                    ray.cancel(generator)
-                result = await confirmed
+            result: dict[str, Any] = await handle.cancel.remote(record.job_id, stop)
         except (*_GONE, InvalidRequest):  # the actor or its node died: WORKER_DIED by itself
             return None
+        except asyncio.CancelledError:  # the deadline, and no answer: Ray cancels the call
+            log.warning("%s: no cancel confirmed by the deadline: cancelling the call", record.job_id)
+            if generator is not None:
+                ray.cancel(generator)
+            raise
         return result
 
-    async def stop_orphans(self, job_ids: list[str]) -> None:
+    async def stop_orphans(self, job_ids: list[str], bound_s: float) -> None:
         """Stop the work of jobs a registry restart ended, wherever it still runs: the calls
         a dead registry made live on in the actors doing them, writing and generating for
         jobs that are over. Every rbee actor is asked to cancel each of them (an actor that
@@ -143,21 +137,21 @@ class RayBackend:
             return
         named = await asyncio.to_thread(ray.util.list_named_actors, all_namespaces=True)
         names = [a["name"] for a in named if a["namespace"] == NAMESPACE and a["name"] != REGISTRY]
-        now = time.time()
+        stop = Stop.within(bound_s)
         calls = []
         for name in names:
             try:
                 actor = self._actor(name)
             except InvalidRequest:  # gone since it was listed
                 continue
-            calls += [actor.cancel.remote(job_id, now) for job_id in job_ids]
+            calls += [actor.cancel.remote(job_id, stop) for job_id in job_ids]
         log.warning(
             "stopping %d job(s) the registry restart ended, on %d actor(s)",
             len(job_ids),
             len(names),
         )
         try:
-            async with asyncio.timeout(_ORPHANS_BOUND_S):
+            async with asyncio.timeout(stop.left_s()):
                 done = await asyncio.gather(*calls, return_exceptions=True)
         except TimeoutError:
             log.error("the orphaned jobs %s were not all stopped in time", job_ids)

@@ -46,7 +46,9 @@ class JobRegistry:
             on_terminal=self._terminal,
         )
         if self._store.interrupted:  # __init__ runs in the actor's event loop
-            self._spawn(self._backend.stop_orphans(self._store.interrupted))
+            self._spawn(
+                self._backend.stop_orphans(self._store.interrupted, config.cancel_cleanup_s)
+            )
         self._spawn(self._report_jobs())
         self._spawn(self._backend.follow_nodes(self._start_hives))
 

@@ -42,7 +42,7 @@ class LocalBackend:
             raise DownloadFailed("connection reset")
         yield Result({"done": True})
 
-    async def stop(self, record, accepted_at, actor=None):
+    async def stop(self, record, stop, actor=None):
         self.stopped.append(record.job_id)
         if actor is not None:  # an adopted job: its actor hands over what it numbered
             return {"last_token_after_cancel_s": -0.01, "events": self.handed.get(record.job_id, [])}
@@ -152,7 +152,7 @@ async def test_no_event_after_the_terminal_one(jobs, backend):
 
 
 async def test_a_stop_that_hangs_still_ends_the_job(backend):
-    async def hang(record, accepted_at, actor=None):
+    async def hang(record, stop, actor=None):
         await asyncio.sleep(30)
 
     backend.stop = hang
@@ -165,6 +165,33 @@ async def test_a_stop_that_hangs_still_ends_the_job(backend):
     ][-1]
     assert "did not confirm" in message
     assert record.state is JobState.CANCELLED
+
+
+async def test_a_cancel_ends_the_job_within_its_one_bound_whatever_answers_late(backend):
+    """The actor confirms late and the job's last events never come: the actor's wait and
+    the wait for those events share the one deadline (``cleanup_s``), not a bound each."""
+    seen = []
+
+    async def late(record, stop, actor=None):
+        seen.append(stop)
+        await asyncio.sleep(0.15)
+        return {"last_write_after_cancel_s": 0.0, "cleaned_up": False}
+
+    backend.stop = late  # the drive stays blocked on its gate: no last events ever come
+    jobs = Jobs(JobTable(), backend, cleanup_s=0.2)
+    record = jobs.submit(Op("download", steps=100), {}, "cid")
+    await _until(lambda: record.state is JobState.RUNNING)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    assert await jobs.cancel(record.job_id) is True
+    took = loop.time() - began
+    assert record.state is JobState.CANCELLED and 0.15 <= took < 0.3, took
+    (stop,) = seen
+    assert abs(stop.deadline - stop.accepted_at - 0.2) < 1e-6
+    message = [
+        payload(e.event)["message"] for e in jobs.table.events(record.job_id) if e.event.kind == "narration"
+    ][-1]
+    assert "its cleanup had not ended by the deadline" in message
 
 
 async def test_narration_passes_through(jobs, backend):

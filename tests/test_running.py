@@ -12,7 +12,7 @@ import pytest
 
 from actors.core import logs
 from actors.core.events import Narration, StreamEvent, Token
-from actors.core.running import Runs, batched
+from actors.core.running import Runs, Stop, batched
 
 
 async def _forever(run):
@@ -23,7 +23,7 @@ async def _forever(run):
 
 async def test_a_cancel_before_the_job_stops_it_as_it_starts():
     runs = Runs()
-    run = await runs.cancel("j-early")
+    run = await runs.cancel("j-early", Stop.within(1.0))
     assert run.cancelled_at is not None
     assert len(runs) == 0  # an early cancel is not a running job
     seen = []
@@ -36,7 +36,7 @@ async def test_a_cancel_before_the_job_stops_it_as_it_starts():
 async def test_early_cancels_are_bounded_and_never_count_as_running():
     runs = Runs(remember=10)
     for n in range(1000):
-        await runs.cancel(f"j-{n}")
+        await runs.cancel(f"j-{n}", Stop.within(1.0))
     assert len(runs) == 0
     # The oldest were forgotten: that job runs; the newest still stops at once.
     got = []
@@ -49,6 +49,64 @@ async def test_early_cancels_are_bounded_and_never_count_as_running():
     with pytest.raises(asyncio.CancelledError):
         async for _ in runs.run("j-999", _forever):
             pass
+
+
+async def test_no_event_made_after_the_cancel_is_sent_whoever_reads_on():
+    """A reader that swallows the task's cancel and asks for more (a body that makes events
+    without waiting never meets that cancel) gets no event made after it: the flag."""
+    runs = Runs()
+
+    async def busy(run):
+        for n in itertools.count(1):
+            yield Token(text="x", index=n)  # no await between events
+
+    got: list[StreamEvent] = []
+    after_cancel: list[StreamEvent] = []
+
+    async def reader():
+        events = runs.run("j-busy", busy)
+        got.append(await anext(events))
+        try:
+            await asyncio.sleep(10)  # as Ray does, reporting the item: the cancel lands here
+        except asyncio.CancelledError:
+            pass
+        with pytest.raises(asyncio.CancelledError):
+            after_cancel.append(await anext(events))
+
+    reading = asyncio.create_task(reader())
+    await asyncio.sleep(0.05)
+    run = await runs.cancel("j-busy", Stop.within(1.0))
+    await asyncio.wait_for(reading, 1.0)
+    assert len(got) == 1 and after_cancel == [] and run.settled
+
+
+async def test_a_cancel_waits_for_the_cleanup_until_its_deadline_and_no_longer():
+    runs = Runs()
+    cleaning = asyncio.Event()
+
+    async def slow_to_clean(run):
+        try:
+            while True:
+                yield Narration("test", "tick", "tick")
+                await asyncio.sleep(0.01)
+        finally:
+            cleaning.set()
+            await asyncio.sleep(0.5)  # a cleanup slower than the cancel's bound
+
+    async def reader():
+        async for _ in runs.run("j-slow", slow_to_clean):
+            pass
+
+    reading = asyncio.create_task(reader())
+    await asyncio.sleep(0.05)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    run = await runs.cancel("j-slow", Stop.within(0.1))
+    took = loop.time() - began
+    assert cleaning.is_set() and not run.settled and 0.08 <= took < 0.3, took
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(reading, 2.0)
+    assert run.settled
 
 
 async def _events(*gaps_s: float, narrate_first: bool = False, made: list[float] | None = None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from typing import Any
 
 from actors.adapters.downloads_progress import ProgressMeter
 from actors.adapters.transfer import Downloader, resumable_bytes
@@ -16,7 +17,7 @@ from actors.adapters.vendors import DownloadPlan, PlannedFile, Vendor
 from actors.core.errors import DownloadFailed, InvalidRequest
 from actors.core.events import Event, Narration, Progress, Result, StreamEvent
 from actors.core.operations import ModelDownload
-from actors.core.running import Run, Runs
+from actors.core.running import Run, Runs, Stop
 
 ACTOR = "download"
 
@@ -54,16 +55,15 @@ class ModelDownloads:
     def watch(self, job_id: str, after: int) -> AsyncIterator[list[StreamEvent]]:
         return self._runs.watch(job_id, after)
 
-    async def cancel(
-        self, job_id: str, accepted_at: float | None = None
-    ) -> dict[str, float | None]:
-        """Stop a job's transfer and wait until its partial files are gone.
+    async def cancel(self, job_id: str, stop: Stop) -> dict[str, Any]:
+        """Stop a job's transfer and wait until its partial files are gone (by
+        ``stop.deadline``).
 
         Returns when the last byte was written relative to the cancel (seconds; negative
         means before it), so callers can report and measure the guarantee.
         """
-        run = await self._runs.cancel(job_id, accepted_at)
-        return {"last_write_after_cancel_s": run.output_after_cancel_s()}
+        run = await self._runs.cancel(job_id, stop)
+        return {"last_write_after_cancel_s": run.output_after_cancel_s(), "cleaned_up": run.settled}
 
     async def _run(
         self, run: Run, op: ModelDownload, correlation_id: str | None

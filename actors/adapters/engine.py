@@ -27,7 +27,7 @@ from actors.core.config import EngineConfig
 from actors.core.errors import InvalidRequest, ModelLoadFailed
 from actors.core.events import Event, Narration, Result, StreamEvent, Token, pack
 from actors.core.operations import Infer, OpenAiCall
-from actors.core.running import Run, Runs
+from actors.core.running import Run, Runs, Stop
 
 log = logging.getLogger("rbee.engine")
 
@@ -357,8 +357,6 @@ class EngineWorker:
         try:
             with _refused_requests():
                 async for out in engine.generate(prompt, params, job_id):
-                    if run.cancelled_at is not None:
-                        raise asyncio.CancelledError
                     completion = out.outputs[0]
                     prompt_tokens = len(out.prompt_token_ids or ())
                     if completion.token_ids:
@@ -397,9 +395,7 @@ class EngineWorker:
             f"{self.worker_id} answering an OpenAI {call.api} request with {self.model}",
             correlation_id=correlation_id,
         )
-        events = self._openai.run(
-            call.api, call.request, job_id, lambda: run.cancelled_at is not None
-        )
+        events = self._openai.run(call.api, call.request, job_id)
         with _refused_requests():
             async for event in events:
                 if isinstance(event, Token):
@@ -422,11 +418,15 @@ class EngineWorker:
             tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         )
 
-    async def cancel(self, job_id: str, accepted_at: float | None = None) -> dict[str, Any]:
-        """Stop a generation and wait until vLLM has aborted it; the events of one answered
-        straight to the ingress go with the answer (the registry has none of them)."""
-        run = await self._runs.cancel(job_id, accepted_at)
-        stopped: dict[str, Any] = {"last_token_after_cancel_s": run.output_after_cancel_s()}
+    async def cancel(self, job_id: str, stop: Stop) -> dict[str, Any]:
+        """Stop a generation and wait until vLLM has aborted it (by ``stop.deadline``); the
+        events of one answered straight to the ingress go with the answer (the registry has
+        none of them)."""
+        run = await self._runs.cancel(job_id, stop)
+        stopped: dict[str, Any] = {
+            "last_token_after_cancel_s": run.output_after_cancel_s(),
+            "cleaned_up": run.settled,
+        }
         if run.direct:
             stopped["events"] = pack(list(run.feed))
         return stopped

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,9 +98,7 @@ class OpenAiServing:
             message = str(first["msg"]).removeprefix("Value error, ")
             raise InvalidRequest(f"{where}: {message}" if where else message, param=where) from None
 
-    async def run(
-        self, api: Api, body: dict[str, Any], job_id: str, cancelled: Callable[[], bool]
-    ) -> AsyncGenerator[Event, None]:
+    async def run(self, api: Api, body: dict[str, Any], job_id: str) -> AsyncGenerator[Event, None]:
         """The request's events: a ``Token`` per streamed chunk (the chunk in ``wire``), then
         a ``Result`` with each choice's text and the usage (and vLLM's whole response under
         ``openai`` for a request that is not streamed)."""
@@ -128,8 +126,6 @@ class OpenAiServing:
         usage_chunk: str | None = None
         try:
             async for line in answer:
-                if cancelled():
-                    raise asyncio.CancelledError
                 data = line.removeprefix("data: ").rstrip("\n")
                 if data == "[DONE]":
                     break

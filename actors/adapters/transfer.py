@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 OnBytes = Callable[[int], None]
 
-_CLEANUP_BOUND_S = 2.0  # cleanup gets its own short bound; a stuck close must not hang a cancel
 _SIDECAR_EVERY_S = 0.5
 _HASH_CHUNK = 4 << 20
 _LOCK_POLL_S = 0.05
@@ -145,9 +144,11 @@ class Downloader:
             if on_bytes is not None:
                 shared.listeners.remove(on_bytes)
             if shared.waiters == 0 and not shared.task.done():
+                # The last one out stops the bytes and waits for their partial file to go;
+                # the cancel above it bounds the wait (``running.Stop``).
                 shared.abandoned = True
                 shared.task.cancel()
-                await asyncio.wait({shared.task}, timeout=_CLEANUP_BOUND_S)
+                await asyncio.wait({shared.task})
             raise
 
     def _forget(

@@ -128,6 +128,7 @@ class Config(_Section):
     engine: EngineConfig = EngineConfig()
     max_events_per_job: int = Field(default=10_000, ge=16)
     retain_jobs: int = Field(default=100_000, ge=100)  #: finished jobs the registry remembers
+    #: A cancel's one bound, handed down to the actor doing the job (``running.Stop``).
     cancel_cleanup_s: float = Field(default=3.0, gt=0)
 
     def on_this_node(self, env: Mapping[str, str] | None = None) -> Config:

@@ -27,13 +27,12 @@ from actors.core.errors import (
 from actors.core.events import Error, Event, Narration, Packed, Result, StreamEvent, unpack
 from actors.core.logs import context
 from actors.core.operations import Operation
+from actors.core.running import Stop
 from actors.core.table import IllegalTransition, JobRecord, JobState, JobTable
 
 log = logging.getLogger("rbee.jobs")
 
 ACTOR = "registry"
-DRAIN_S = 2.0
-"""How long a stopped job's last events may take to come in before its drive is cut."""
 
 EARLY_ENDS = 1000
 """The most ends kept for jobs whose adoption has not come yet."""
@@ -79,14 +78,15 @@ class Backend(Protocol):
         ...
 
     async def stop(
-        self, record: JobRecord, accepted_at: float, actor: str | None = None
+        self, record: JobRecord, stop: Stop, actor: str | None = None
     ) -> dict[str, Any] | None:
-        """Stop running work and wait (briefly) until it has cleaned up; None if no actor
-        was running it yet. ``actor``: the one an adopted job runs on (``Jobs.adopt``); its
-        answer's ``events`` are the job's events it numbered.
+        """Stop running work and wait until it has cleaned up; None if no actor was running
+        it yet. ``actor``: the one an adopted job runs on (``Jobs.adopt``); its answer's
+        ``events`` are the job's events it numbered.
 
-        ``accepted_at`` (wall clock) is when the cancel was accepted: the worker reports its
-        last output relative to it.
+        ``stop`` goes to the actor: it reports its last output relative to
+        ``stop.accepted_at``, and waits for the job's cleanup until ``stop.deadline``. The
+        call is cancelled at that deadline if it has not returned by then.
         """
         ...
 
@@ -101,6 +101,8 @@ class Jobs:
         cleanup_s: float = 3.0,
         on_terminal: Callable[[JobRecord], None] | None = None,
     ) -> None:
+        """``cleanup_s``: the one bound of a cancel, from its acceptance to the job's end
+        (the actor's cleanup and the last events' way here included)."""
         self.table = table
         self._backend = backend
         self._slots = {op: asyncio.Semaphore(n) for op, n in (limits or {}).items()}
@@ -201,9 +203,11 @@ class Jobs:
 
     async def _cancel(self, record: JobRecord, correlation_id: str | None) -> bool:
         cid = correlation_id or record.correlation_id
-        accepted, accepted_at = time.monotonic(), time.time()
+        accepted, stop = time.monotonic(), Stop.within(self._cleanup_s)
         self.table.cancel_requested(record.job_id)
-        was = record.state
+        was, drive = record.state, self._tasks.get(record.job_id)
+        if was is JobState.QUEUED and drive is not None:
+            drive.cancel()  # at once: a job waiting for its slot never starts
         await self.table.emit(
             record.job_id,
             Narration(ACTOR, "cancel", f"cancel requested while {was.value}", correlation_id=cid),
@@ -212,9 +216,8 @@ class Jobs:
         if was is JobState.RUNNING:
             adopted = self._adopted.pop(record.job_id, None)
             try:
-                stopped = await asyncio.wait_for(
-                    self._backend.stop(record, accepted_at, adopted), self._cleanup_s
-                )
+                async with asyncio.timeout(stop.left_s()):
+                    stopped = await self._backend.stop(record, stop, adopted)
                 detail = _describe_stop(stopped or {})
                 if stopped and stopped.get("events"):  # packed (``events.pack``)
                     await self.table.record_events(record.job_id, unpack(stopped["events"]))
@@ -222,13 +225,12 @@ class Jobs:
                 detail = f"; cleanup did not confirm within {self._cleanup_s:g}s"
             except Exception as exc:  # the worker may have died; the job still ends
                 detail = f"; stop failed: {exc!r}"
-        task = self._tasks.get(record.job_id)
-        if task is not None and not task.done():
+        if drive is not None and not drive.done():
             if stopped is not None:  # the actor stopped: its last events are on their way
-                await asyncio.wait({task}, timeout=DRAIN_S)
-            if not task.done():
-                task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+                await asyncio.wait({drive}, timeout=stop.left_s())
+            if not drive.done():
+                drive.cancel()
+            await asyncio.gather(drive, return_exceptions=True)
         if record.state.terminal:
             return False
         await self.table.release(record.job_id)
@@ -258,7 +260,7 @@ class Jobs:
             self._tasks.pop(record.job_id, None)
 
     async def _run(self, record: JobRecord, op: Operation) -> None:
-        if record.cancel_requested or record.state.terminal:
+        if record.state.terminal:
             return
         job_id = record.job_id
         await self.table.transition(job_id, JobState.RUNNING)
@@ -284,8 +286,10 @@ class Jobs:
                 await asyncio.shield(self.table.release(job_id))
         except Exception as exc:  # the job's failure (a cancel, BaseException, unwinds)
             raised = exc
+        # The cancel flag, read here only: a job its cancel stopped (by whatever error) is
+        # ended by the cancel's path.
         if record.cancel_requested and (raised or failed or not result):
-            return  # stopped by the cancel, whose path speaks for the job from here
+            return
         if raised is not None:
             failed = raised.to_dict() if isinstance(raised, RbeeError) else _unexpected(raised)
             await self.table.emit(job_id, Error(**failed))
@@ -312,10 +316,14 @@ def _unexpected(exc: Exception) -> dict[str, Any]:
 
 
 def _describe_stop(stats: dict[str, Any]) -> str:
+    said = ""
     for key, what in (
         ("last_write_after_cancel_s", "byte written"),
         ("last_token_after_cancel_s", "token"),
     ):
         if (last := stats.get(key)) is not None:
-            return f"; last {what} {last * 1000:.0f} ms after the cancel"
-    return ""
+            said = f"; last {what} {last * 1000:.0f} ms after the cancel"
+            break
+    if stats.get("cleaned_up") is False:
+        said += "; its cleanup had not ended by the deadline"
+    return said

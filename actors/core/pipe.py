@@ -118,10 +118,10 @@ class Server:
             except asyncio.CancelledError:
                 if _cancelling():
                     raise
-            if pump.cancelled():
+            if abandoned.is_set():
                 writer.transport.abort()
             else:
-                writer.close()  # once what is written has gone
+                writer.close()  # once what is written has gone (a ``C`` frame included)
 
     async def _request(self, reader: asyncio.StreamReader) -> tuple[str, Any, str | None]:
         secret = await reader.readexactly(SECRET_BYTES)
@@ -154,9 +154,9 @@ class Server:
                         await writer.drain()
                         item.handed = True  # the ingress tells the registry, not the worker
         except asyncio.CancelledError:
-            if abandoned.is_set():
-                raise
-            _frame(writer, b"C", b"")  # the run stopped, as its cancel asked: said, and done
+            if not abandoned.is_set():  # the run stopped, as its cancel asked: said
+                _frame(writer, b"C", b"")
+            raise
         except ConnectionError as exc:
             log.info("the ingress went away mid-answer: %r", exc)
         except Exception as exc:  # a fault here, not the worker's death: the job fails alone

@@ -36,6 +36,26 @@ ARRIVAL_WAIT_S = 10.0
 """How long a watcher waits for a run whose call has not reached the actor yet."""
 
 
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """A cancel as the registry hands it down to the actor doing the job: when it was
+    accepted, and by when the job must have cleaned up (wall clock, the same in every
+    process). Every wait of a cancel, in the registry and in the actor, ends at
+    ``deadline``: the one bound of a cancel (``cancel_cleanup_s``)."""
+
+    accepted_at: float
+    deadline: float
+
+    @classmethod
+    def within(cls, bound_s: float, *, clock: Callable[[], float] = time.time) -> Stop:
+        now = clock()
+        return cls(now, now + bound_s)
+
+    def left_s(self, *, clock: Callable[[], float] = time.time) -> float:
+        """The time left until the deadline (0 once it passed)."""
+        return max(0.0, self.deadline - clock())
+
+
 @dataclass
 class Run:
     task: asyncio.Task[object] | None = None
@@ -47,6 +67,11 @@ class Run:
     feed: deque[StreamEvent] = field(default_factory=lambda: deque(maxlen=FEED_EVENTS))
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
     direct: bool = False  #: answered straight to the ingress: the registry has none of its events
+
+    @property
+    def settled(self) -> bool:
+        """Whether nothing of the job runs here (it ended, or never began)."""
+        return self.task is None or self.done.is_set()
 
     def output_after_cancel_s(self) -> float | None:
         """When the last output came, relative to the cancel (negative: before it)."""
@@ -132,20 +157,26 @@ class Runs:
         if arrival is not None and not arrival.done():
             arrival.set_result(run)
         events = body(run)
-        seq = first_id - 1
+        seq, event = first_id - 1, None
         try:
-            if run.cancelled_at is not None:
-                raise asyncio.CancelledError
-            async for event in events:
-                if run.cancelled_at is not None:  # the cooperative flag, checked per event
+            while True:
+                # The cooperative flag, read here only: before the body starts, and for each
+                # event it made before it is sent (a body that makes events without waiting
+                # never meets the task's cancel at an ``await``).
+                if run.cancelled_at is not None:
                     raise asyncio.CancelledError
-                seq += 1
-                numbered = StreamEvent(seq, event)
-                run.feed.append(numbered)
-                run.last_id = seq
-                if run.waiters:
-                    run.wake()
-                yield numbered
+                if event is not None:
+                    seq += 1
+                    numbered = StreamEvent(seq, event)
+                    run.feed.append(numbered)
+                    run.last_id = seq
+                    if run.waiters:
+                        run.wake()
+                    yield numbered
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
         finally:
             await events.aclose()  # runs the body's cleanup now, not at garbage collection
             run.done.set()
@@ -201,11 +232,9 @@ class Runs:
     def touch(self, run: Run) -> None:
         run.last_output = self._clock()
 
-    async def cancel(self, job_id: str, accepted_at: float | None = None) -> Run:
-        """Cancel the job's task and wait until its cleanup ran.
-
-        ``accepted_at`` is when the cancel was accepted upstream (else now).
-        """
+    async def cancel(self, job_id: str, stop: Stop) -> Run:
+        """Cancel the job's task and wait until its cleanup ran, or until the stop's
+        deadline (``run.done`` tells which)."""
         run = self._running.get(job_id) or self._finished.get(job_id)
         if run is None:
             run = self._early.setdefault(job_id, Run())
@@ -214,11 +243,11 @@ class Runs:
             arrival = self._arrivals.pop(job_id, None)
             if arrival is not None and not arrival.done():
                 arrival.cancel()
-        if run.cancelled_at is None:
-            run.cancelled_at = accepted_at or self._clock()
+        if run.cancelled_at is None:  # the flag: set here only
+            run.cancelled_at = stop.accepted_at
         if run.task is not None:
             run.task.cancel()
-            await run.done.wait()
+            await _until(run.done, stop.left_s(clock=self._clock))
         return run
 
 
