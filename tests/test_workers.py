@@ -89,8 +89,9 @@ def test_a_killed_worker_fails_its_job_leaves_the_pool_and_frees_its_gpu(api, wo
     assert spawned.sentinel == "[DONE]", spawned.events
     assert _free_gpus(api) == free_before - 1
     pid = spawned.of("result")[0]["pid"]
-    left = Leftovers.of(pid)  # the actor, its engine's processes and their /dev/shm segments
-    assert len(left.processes) > 1 and left.segments, (left.processes, left.segments)
+    left = Leftovers.of(pid)  # the actor, its engine's process and any /dev/shm segments
+    names = [psutil.Process(p).name() for p in left.processes]
+    assert "VLLM::EngineCore" in names, names
     op = {"operation": "infer", "model": tiny_model, "worker_id": "w-doomed", "ignore_eos": True,
           "prompt": "Once upon a time there was a hive of bees", "max_tokens": 1500}  # fmt: skip
     job_id = submit(api, op)
