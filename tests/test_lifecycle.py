@@ -67,25 +67,6 @@ def _hub_that_never_answers() -> socket.socket:
     return listener
 
 
-@pytest.mark.parametrize("to_group", [True, False], ids=["group", "process"])
-def test_sigterm_cancels_and_records_the_jobs_and_ends_every_process(tmp_path, to_group):
-    with _hub_that_never_answers() as hub:
-        endpoint = f"http://127.0.0.1:{hub.getsockname()[1]}"
-        with serving(tmp_path, hub={"endpoint": endpoint}) as served, httpx.Client(
-            base_url=served.url, timeout=30
-        ) as api:
-            done = submit(api, {"operation": "hive_list"})
-            wait_state(api, done, "completed")
-            stuck = submit(api, {"operation": "model_download", "model": "org/stuck"})
-            wait_state(api, stuck, "running")
-            _stop(served, to_group=to_group)
-
-    back = {saved["job_id"]: saved for saved, _ in JobStore(served.state_dir).load()}
-    assert back[done]["state"] == JobState.COMPLETED
-    assert back[stuck]["state"] == JobState.CANCELLED, back[stuck]
-    assert "shutting down" in served.output()
-
-
 def _cache_tiny_llama(cache_dir: Path, build_dir: Path) -> None:
     """The tiny test Llama, written into the cache as a download would leave it."""
     from tests.tinymodel import build_tiny_llama
@@ -163,10 +144,13 @@ def test_a_failed_or_cancelled_preload_leaves_the_server_serving(tmp_path):
         _stop(served, to_group=True)
 
 
-def test_two_cold_starts_at_once_each_answer_jobs_from_the_first_health(tmp_path):
+def test_two_cold_starts_at_once_answer_their_own_jobs_and_each_ends_on_sigterm(tmp_path):
     """Two servers start on one machine at once. For each, a job submitted the moment its
     ``/health`` first answers 200 is made (never Serve's 404 of a route table not filled
-    yet), on that server: the other has never heard of it."""
+    yet), on that server: the other has never heard of it. Then a SIGTERM, to the first's
+    process group and to the second's process alone, while a download hangs on a hub that
+    never answers: every process of each ends, the download is recorded cancelled and the
+    finished job completed (the other server serving on meanwhile)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
     from contextlib import ExitStack
@@ -194,8 +178,10 @@ def test_two_cold_starts_at_once_each_answer_jobs_from_the_first_health(tmp_path
         watcher.start()
     for p in ports:
         (tmp_path / str(p)).mkdir()
-    contexts = [serving(tmp_path / str(p), port=p) for p in ports]
-    with ExitStack() as stack:
+    hub = _hub_that_never_answers()
+    endpoint = f"http://127.0.0.1:{hub.getsockname()[1]}"
+    contexts = [serving(tmp_path / str(p), port=p, hub={"endpoint": endpoint}) for p in ports]
+    with hub, ExitStack() as stack:
         with ThreadPoolExecutor(2) as pool:
             starts = [pool.submit(c.__enter__) for c in contexts]
         for context, start in zip(contexts, starts, strict=True):
@@ -211,3 +197,22 @@ def test_two_cold_starts_at_once_each_answer_jobs_from_the_first_health(tmp_path
             job_id = answer.json()["job_id"]
             assert httpx.get(f"{own.url}/v1/jobs/{job_id}", timeout=10).status_code == 200
             assert httpx.get(f"{other.url}/v1/jobs/{job_id}", timeout=10).status_code == 404
+
+        jobs = {}
+        for each in served:
+            with httpx.Client(base_url=each.url, timeout=30) as api:
+                done = submit(api, {"operation": "hive_list"})
+                wait_state(api, done, "completed")
+                stuck = submit(api, {"operation": "model_download", "model": "org/stuck"})
+                wait_state(api, stuck, "running")
+                jobs[each.url] = done, stuck
+        _stop(served[0], to_group=True)
+        assert httpx.get(f"{served[1].url}/health", timeout=10).status_code == 200
+        _stop(served[1], to_group=False)
+
+    for each in served:
+        done, stuck = jobs[each.url]
+        back = {saved["job_id"]: saved for saved, _ in JobStore(each.state_dir).load()}
+        assert back[done]["state"] == JobState.COMPLETED
+        assert back[stuck]["state"] == JobState.CANCELLED, back[stuck]
+        assert "shutting down" in each.output()
