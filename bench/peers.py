@@ -1,12 +1,15 @@
 """rbee against the peers a user would pick instead, in one run, same model, same client.
 
-    python bench/peers.py --peers DIR [--only A,B,C,rbee] [--reps 3] [--max-tokens 256]
+    python bench/peers.py --peers DIR [--only A,B,C,rbee,A-uni,B-uni] [--reps 3] [--max-tokens 256]
 
 ``DIR`` holds the peers' scripts (``direct_asyncllm.py``, ``serve_and_bench.py``,
 ``run_vllm_server.sh``, ``run_serve_llm.py``, ``openai_stream_bench.py``). One after another,
 alone on the machine: A vLLM's ``AsyncLLM`` driven in-process (the ceiling), B vLLM's own
 OpenAI server, C Ray Serve LLM in its fastest mode (HAProxy, throughput-optimized, direct
-streaming), and rbee's OpenAI endpoint (``rbee serve`` as ``make`` installs it). The model is
+streaming), and rbee's OpenAI endpoint (``rbee serve`` as ``make`` installs it); then A and B
+again with vLLM's CPU engine as rbee runs it (``A-uni``, ``B-uni``: the model inside the
+engine-core process, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so an engine setting is never
+counted as serving speed. The model is
 the test suite's tiny Llama (random weights, 256 tokens a stream, no EOS), in a folder for
 A, B and C and in a fresh rbee cache for rbee. C needs ``pyarrow``, which rbee does not: it
 is installed once into ``build/peer-c`` and put on C's ``PYTHONPATH`` only.
@@ -31,11 +34,14 @@ from rich.table import Table
 
 TINY = "bench/tiny-llama"
 PEER_C_DEPS = ROOT / "build" / "peer-c"
+#: A peer's name with this suffix runs vLLM's CPU engine as rbee does (``_env``)
+UNIPROC = "-uni"
 
 
 def configure(parser: Any) -> None:
     parser.add_argument("--peers", type=Path, required=True, help="the peers' scripts")
-    parser.add_argument("--only", default="A,B,C,rbee", help="which of A,B,C,rbee to run")
+    parser.add_argument("--only", default="A,B,C,rbee,A-uni,B-uni",
+                        help="which of A,B,C,rbee,A-uni,B-uni to run")  # fmt: skip
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--log-dir", type=Path, default=None, help="keep each server's log here")
@@ -57,10 +63,11 @@ def body(run: Run) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name in only:
         log.print(f"[bold]{name}[/]: starting")
-        if name == "A":
-            results[name] = _direct(peers, folder, args, reps)
+        env = _env(uniproc=name.endswith(UNIPROC))
+        if name.removesuffix(UNIPROC) == "A":
+            results[name] = _direct(peers, folder, args, reps, env)
         else:
-            results[name] = _served(run, name, peers, folder, cache, common)
+            results[name] = _served(run, name, peers, folder, cache, common, env)
         log.print(f"[dim]{name}: {json.dumps(_figures(results[name]))}[/]")
     run.tables.append(_table(results))
     return {"servers": {name: _figures(r) for name, r in results.items()}, "raw": results}
@@ -87,25 +94,26 @@ def _into_cache(cache: Path, files: dict[str, Any]) -> None:
     layout.write_ref("main", commit)
 
 
-def _direct(peers: Path, folder: Path, args: Any, reps: int) -> dict[str, Any]:
+def _direct(peers: Path, folder: Path, args: Any, reps: int, env: dict[str, str]) -> dict[str, Any]:
     cmd = [sys.executable, str(peers / "direct_asyncllm.py"), str(folder),
            "--max-tokens", str(args.max_tokens), "--reps", str(reps)]  # fmt: skip
     if args.quick:
         cmd += ["--abort-trials", "4"]
-    return _result(subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=_env()))
+    return _result(subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=env))
 
 
 def _served(
-    run: Run, name: str, peers: Path, folder: Path, cache: Path, common: list[str]
-) -> dict[str, Any]:
+    run: Run, name: str, peers: Path, folder: Path, cache: Path, common: list[str],
+    env: dict[str, str],
+) -> dict[str, Any]:  # fmt: skip
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    env = _env()
     model = "tiny"
-    if name == "B":
+    peer = name.removesuffix(UNIPROC)
+    if peer == "B":
         server = f"{peers / 'run_vllm_server.sh'} {folder} {port}"
         env["PYTHON"] = sys.executable
-    elif name == "C":
+    elif peer == "C":
         _peer_c_deps()
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PEER_C_DEPS), env.get("PYTHONPATH")]))
         env.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_THROUGHPUT_OPTIMIZED="1",
@@ -139,8 +147,12 @@ def _peer_c_deps() -> None:
                     "pyarrow"], check=True)  # fmt: skip
 
 
-def _env() -> dict[str, str]:
+def _env(*, uniproc: bool = False) -> dict[str, str]:
+    """The peers' environment; ``uniproc``: vLLM's CPU engine as rbee runs it (the model in
+    the engine-core process, no worker process beside it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RBEE_")}
+    if uniproc:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB: what B and C are given, and rbee
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
