@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from contextlib import suppress
 from pathlib import Path
 
@@ -33,6 +34,16 @@ def running(pid: int, started: str | None = None) -> bool:
     same one (a pid is reused once its process is gone)."""
     stat = proc_stat(pid)
     return stat is not None and stat[1] != "Z" and (started is None or stat[2] == started)
+
+
+def is_resource_tracker(pid: int) -> bool:
+    """Whether ``pid`` is Python's multiprocessing resource tracker: it ignores SIGTERM and,
+    once every process that shares its pipe is gone, removes the semaphores they left
+    (``/dev/shm/sem.mp-*``). Killed first, it leaves them behind."""
+    try:
+        return b"multiprocessing.resource_tracker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def children(pid: int) -> set[int]:
@@ -89,15 +100,27 @@ class Leftovers:
     def alive(self) -> list[int]:
         return [pid for pid, started in self.processes.items() if running(pid, started)]
 
-    def kill(self) -> list[int]:
-        """SIGKILL what is still alive of the tree; the pids signalled."""
-        killed = []
-        for pid in self.alive():
-            with suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-        return killed
+    def kill(self, tracker_grace_s: float = 1.0) -> list[int]:
+        """SIGKILL what is still alive of the tree, Python's resource trackers last (given
+        ``tracker_grace_s`` to remove the semaphores the others left); the pids signalled."""
+        alive = self.alive()
+        trackers = [pid for pid in alive if is_resource_tracker(pid)]
+        killed = _kill([pid for pid in alive if pid not in trackers])
+        deadline = time.monotonic() + tracker_grace_s
+        while trackers and time.monotonic() < deadline:
+            time.sleep(0.05)
+            trackers = [pid for pid in trackers if running(pid, self.processes[pid])]
+        return killed + _kill(trackers)
 
     def remove_segments(self) -> list[Path]:
         """Unlink the segments (a process still mapping one keeps its memory till it exits)."""
         return [path for path in sorted(self.segments) if unlink(path)]
+
+
+def _kill(pids: list[int]) -> list[int]:
+    killed = []
+    for pid in pids:
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+    return killed

@@ -53,11 +53,17 @@ def _stop(served: Served, *, to_group: bool) -> set[Path]:
         wait_for(lambda: not alive(processes), timeout=SHUTDOWN_S, interval=0.1)
     except AssertionError:
         left = [psutil.Process(p).cmdline()[:2] for p in alive(processes)]
-        raise AssertionError(f"still running after {SHUTDOWN_S}s: {left}\n{served.output()}") from None
+        raise AssertionError(
+            f"still running after {SHUTDOWN_S}s: {left}\n{served.output()}"
+        ) from None
     assert time.monotonic() - started < SHUTDOWN_S
     assert served.process.wait(timeout=1) == 0, served.output()
     assert [s for s in segments if s.exists()] == [], served.output()
     return segments
+
+
+def _semaphores() -> set[Path]:
+    return set(Path("/dev/shm").glob("sem.mp-*"))
 
 
 def _hub_that_never_answers() -> socket.socket:
@@ -89,9 +95,11 @@ def test_a_failed_or_cancelled_preload_leaves_the_server_serving(tmp_path):
     pytest.importorskip("vllm")
     cache = tmp_path / "cache"
     _cache_tiny_llama(cache, tmp_path / "tiny")
-    with serving(tmp_path, cache, preload=["nobody/missing", TINY]) as served, httpx.Client(
-        base_url=served.url, timeout=30
-    ) as api:
+    semaphores = _semaphores()
+    with (
+        serving(tmp_path, cache, preload=["nobody/missing", TINY]) as served,
+        httpx.Client(base_url=served.url, timeout=30) as api,
+    ):
 
         def preload() -> dict[str, Any]:
             return dict(_result(api, {"operation": "hive_status"})["preload"])
@@ -137,11 +145,18 @@ def test_a_failed_or_cancelled_preload_leaves_the_server_serving(tmp_path):
         ]
         assert preload()[TINY]["state"] == "ready"
 
-        # A group SIGTERM kills the raylet under a live engine: its processes and its shared
-        # memory must go all the same.
-        names = [psutil.Process(p).name() for p in alive(served.processes())]
-        assert "VLLM::EngineCore" in names, names
+        # (vLLM's OpenAI serving leaves a semaphore of multiprocessing's with the resource
+        # tracker on its first request)
+        chat = {"model": TINY, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert api.post("/v1/chat/completions", json=chat).status_code == 200
+
+        # A group SIGTERM kills the raylet under a live engine: its processes, its shared
+        # memory and the semaphores the resource trackers hold must go all the same.
+        running = [psutil.Process(p) for p in alive(served.processes())]
+        names = [(proc.name(), proc.cmdline()[:2]) for proc in running]
+        assert any(name == "VLLM::EngineCore" for name, _ in names), (names, served.output())
         _stop(served, to_group=True)
+    assert _semaphores() <= semaphores, "a semaphore was left in /dev/shm"
 
 
 def test_two_cold_starts_at_once_answer_their_own_jobs_and_each_ends_on_sigterm(tmp_path):
@@ -168,7 +183,9 @@ def test_two_cold_starts_at_once_answer_their_own_jobs_and_each_ends_on_sigterm(
             except httpx.HTTPError:
                 healthy = False
             if healthy:
-                first[port] = httpx.post(f"{url}/v1/jobs", json={"operation": "hive_list"}, timeout=30)
+                first[port] = httpx.post(
+                    f"{url}/v1/jobs", json={"operation": "hive_list"}, timeout=30
+                )
                 return
             time.sleep(0.05)
 

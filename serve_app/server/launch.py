@@ -36,7 +36,15 @@ from actors.core.errors import JobCancelled
 from actors.core.store import JobStore
 from actors.core.table import JobState
 from actors.naming import NAMESPACE, REGISTRY
-from actors.procs import children, proc_stat, process_tree, running, shared_memory, unlink
+from actors.procs import (
+    children,
+    is_resource_tracker,
+    proc_stat,
+    process_tree,
+    running,
+    shared_memory,
+    unlink,
+)
 from actors.registry_client import Registry
 from serve_app.server.deployment import APP_NAME, INGRESS
 from serve_app.server.fast_path import FastPath, environ, fast_path, serve_host
@@ -372,6 +380,10 @@ class _Leftovers:
         if alive:
             level = logging.INFO if patient else logging.WARNING
             log.log(level, "ending %d processes Ray left running", len(alive))
+        # Python's resource trackers go last: each removes the semaphores of the processes
+        # it serves once those are gone (and ignores SIGTERM).
+        trackers = [pid for pid in alive if is_resource_tracker(pid)]
+        alive = [pid for pid in alive if pid not in trackers]
         for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
             self.scan()  # an engine still starting maps new segments up to its end
             for pid in alive:
@@ -381,6 +393,12 @@ class _Leftovers:
             while (alive := [p for p in alive if self._alive(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
                 self.scan()
+        deadline = time.monotonic() + 1.0
+        while (trackers := [p for p in trackers if self._alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pid in trackers:
+            with suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         removed = [path for path in sorted(self._segments) if unlink(path)]
         if removed:
             log.info("removed %d shared-memory segments left in /dev/shm", len(removed))
