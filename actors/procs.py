@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -106,15 +107,24 @@ class Leftovers:
         alive = self.alive()
         trackers = [pid for pid in alive if is_resource_tracker(pid)]
         killed = _kill([pid for pid in alive if pid not in trackers])
-        deadline = time.monotonic() + tracker_grace_s
-        while trackers and time.monotonic() < deadline:
-            time.sleep(0.05)
-            trackers = [pid for pid in trackers if running(pid, self.processes[pid])]
-        return killed + _kill(trackers)
+        return killed + end_trackers(
+            trackers, lambda pid: running(pid, self.processes[pid]), tracker_grace_s
+        )
 
     def remove_segments(self) -> list[Path]:
         """Unlink the segments (a process still mapping one keeps its memory till it exits)."""
         return [path for path in sorted(self.segments) if unlink(path)]
+
+
+def end_trackers(
+    trackers: list[int], alive: Callable[[int], bool], grace_s: float = 1.0
+) -> list[int]:
+    """Give resource trackers ``grace_s`` to remove their semaphores and exit once the
+    processes they serve are gone, then SIGKILL those still ``alive``; the pids signalled."""
+    deadline = time.monotonic() + grace_s
+    while (trackers := [pid for pid in trackers if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _kill(trackers)
 
 
 def _kill(pids: list[int]) -> list[int]:

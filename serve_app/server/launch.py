@@ -38,6 +38,7 @@ from actors.core.table import JobState
 from actors.naming import NAMESPACE, REGISTRY
 from actors.procs import (
     children,
+    end_trackers,
     is_resource_tracker,
     proc_stat,
     process_tree,
@@ -393,12 +394,7 @@ class _Leftovers:
             while (alive := [p for p in alive if self._alive(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
                 self.scan()
-        deadline = time.monotonic() + 1.0
-        while (trackers := [p for p in trackers if self._alive(p)]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for pid in trackers:
-            with suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        end_trackers(trackers, self._alive)
         removed = [path for path in sorted(self._segments) if unlink(path)]
         if removed:
             log.info("removed %d shared-memory segments left in /dev/shm", len(removed))
