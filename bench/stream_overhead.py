@@ -1,6 +1,7 @@
 """Tokens/s and first-token time through the whole stack, on both endpoints (the job
 stream, ``POST /v1/jobs`` then its SSE stream, and OpenAI's streamed ``/v1/completions``),
-beside vLLM's ``AsyncLLM`` driven directly: same model, same run, at concurrency 1 and 8.
+beside vLLM's ``AsyncLLM`` driven directly: same model, same run, same engine setting as
+rbee's workers (on a CPU, the model inside the engine-core process), at concurrency 1 and 8.
 Target: ≥ 0.95 of the engine's tokens/s, first token within 5 ms of its (SPEC §11)."""
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ def direct(model: Model, max_tokens: int, rounds: int) -> tuple[Rates, float]:
     from vllm.sampling_params import RequestOutputKind
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from actors.adapters.engine import WARMUP_PROMPT
+    from actors.adapters.engine import WARMUP_PROMPT, set_cpu_engine_mode
+
+    set_cpu_engine_mode()  # as rbee's workers run it: an engine setting is not serving speed
 
     async def measure() -> tuple[Rates, float]:
         engine = AsyncLLM.from_engine_args(

