@@ -111,7 +111,7 @@ def _body(path: str, job_id: str) -> bytes | None:
 
 
 def _send(hive, method: str, path: str, headers: dict[str, str], body: bytes | None = None):
-    with httpx.Client(base_url=hive.url, timeout=httpx.Timeout(30.0, read=10.0)) as client:
+    with httpx.Client(base_url=hive.url, timeout=httpx.Timeout(30.0, read=10.0), verify=False) as client:
         with client.stream(method, path, headers=headers, content=body) as response:
             response.read()
             return response

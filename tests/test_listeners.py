@@ -259,7 +259,7 @@ def test_a_wildcard_bind_keeps_ray_on_loopback_and_bounds_each_address(tmp_path)
             refused = 0
             for _ in range(20):
                 try:
-                    response = httpx.get(f"{there}/health", timeout=2)
+                    response = httpx.get(f"{there}/health", timeout=2, verify=False)
                     refused += response.status_code != 200
                 except httpx.HTTPError:
                     refused += 1
@@ -270,7 +270,7 @@ def test_a_wildcard_bind_keeps_ray_on_loopback_and_bounds_each_address(tmp_path)
 
         def served_again() -> bool:
             try:
-                return httpx.get(f"{there}/health", timeout=2).status_code == 200
+                return httpx.get(f"{there}/health", timeout=2, verify=False).status_code == 200
             except httpx.HTTPError:
                 return False
 

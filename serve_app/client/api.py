@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -152,6 +153,9 @@ class _Base:
         self._timeout = httpx.Timeout(timeout)
         self._stream_timeout = httpx.Timeout(timeout, read=stream_read_timeout)
         self.retries = retries
+        # TLS checked for every scheme but plain HTTP, where httpx would only build a TLS
+        # context it never uses (~28 ms of CPU for each client, a CLI command's whole start).
+        self._verify = urlsplit(self.url).scheme.lower() != "http"
 
     @contextmanager
     def _reaching(self) -> Iterator[None]:
@@ -182,7 +186,11 @@ class Client(_Base):
     ) -> None:
         super().__init__(url, **options)
         self._http = httpx.Client(
-            base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport
+            base_url=self.url,
+            headers=self._headers,
+            timeout=self._timeout,
+            transport=transport,
+            verify=self._verify,
         )
 
     def __enter__(self) -> Client:
@@ -292,7 +300,11 @@ class AsyncClient(_Base):
     ) -> None:
         super().__init__(url, **options)
         self._http = httpx.AsyncClient(
-            base_url=self.url, headers=self._headers, timeout=self._timeout, transport=transport
+            base_url=self.url,
+            headers=self._headers,
+            timeout=self._timeout,
+            transport=transport,
+            verify=self._verify,
         )
 
     async def __aenter__(self) -> AsyncClient:
