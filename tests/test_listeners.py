@@ -101,6 +101,13 @@ def _half_open(port: int, count: int, source: str = "127.0.0.1") -> Iterator[lis
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def _served(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2, verify=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def _haproxy_pids(root: int) -> set[int]:
     found = set()
     for proc in psutil.Process(root).children(recursive=True):
@@ -256,6 +263,11 @@ def test_a_wildcard_bind_keeps_ray_on_loopback_and_bounds_each_address(tmp_path)
         began = time.monotonic()
         with _half_open(port, PER_SOURCE, source=outside):
             flood_s = time.monotonic() - began
+            # Connected is not yet counted: HAProxy counts a connection when it takes it from
+            # the listener's queue. One from loopback (never counted) is taken after every
+            # flood connection queued before it; a probe from the address before that would
+            # take a flood connection's place, and the flood would hold one less.
+            assert _served(f"http://127.0.0.1:{port}/health")
             refused = 0
             for _ in range(20):
                 try:
