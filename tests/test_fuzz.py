@@ -30,7 +30,17 @@ from tests.helpers import read_sse, submit
 pytestmark = pytest.mark.ray
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-OPENAI = ("/v1/completions", "/v1/chat/completions", "/v1/models")
+OPENAI = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/tokenize",
+    "/detokenize",
+    "/invocations",
+    "/version",
+    "/ping",
+    "/load",
+)
 ROUTES = [
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs"),
@@ -49,6 +59,14 @@ ROUTES = [
     ("GET", "/v1/models"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/chat/completions/batch"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+    ("POST", "/invocations"),
+    ("GET", "/version"),
+    ("GET", "/ping"),
+    ("POST", "/ping"),
+    ("GET", "/load"),
 ]
 BODY_ROUTES = [path for method, path in ROUTES if method == "POST"]
 # Cancelling by filter stops every job it matches: only these touch nothing.
@@ -218,12 +236,15 @@ def send(
 
 
 def check(response: httpx.Response, path: str) -> None:
-    """No 5xx; every 4xx is a JSON error (OpenAI's routes may leave out ``code``)."""
+    """No 5xx; every 4xx is a JSON error, whose ``code`` is rbee's or, on vLLM's routes, the
+    status (as vLLM's server writes it)."""
     assert response.status_code < 500, (response.status_code, response.text)
     if 400 <= response.status_code < 500:
         error = response.json()["error"]
         assert isinstance(error["message"], str) and error["message"]
-        if not path.startswith(OPENAI):
+        if path.startswith(OPENAI):
+            assert error["code"] == response.status_code, error
+        else:
             assert isinstance(error["code"], str) and error["code"]
 
 
@@ -289,7 +310,7 @@ def test_bodies(api, finished_job, path, body, raw, use_raw):
     check(response, path)
     if path == "/v1/jobs" and response.status_code == 201:
         assert response.json()["job_id"].startswith("job-")
-    if len(content) > 1 << 20 and not path.endswith("}/cancel"):  # that one reads no body
+    if len(content) > 1 << 20 and not path.endswith(("}/cancel", "/ping")):  # (read no body)
         assert response.status_code == 413
 
 

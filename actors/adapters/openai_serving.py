@@ -17,19 +17,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import AsyncGenerator
+import typing
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from actors.core.errors import InternalError, InvalidRequest, ModelNotFound, RbeeError
 from actors.core.events import Event, Result, Token
+from actors.core.operations import OpenAiApi
 
-Api = Literal["chat", "completions"]
+Api = OpenAiApi
 
 #: Keys vLLM's models take but the generation routes ignore (they serve its render routes).
 _IGNORED_BY_VLLM = frozenset({"return_token_offsets", "mm_payload", "return_mm_kwargs"})
+#: What ``/invocations`` serves, first first.
+_INVOKED: tuple[Api, ...] = ("chat", "completions")
 #: Keys rbee sets itself: the request is named by its job.
 _RBEE_OWNS = frozenset({"request_id"})
 
@@ -41,20 +46,46 @@ class _Choice:
     finish_reason: str | None = None
 
 
+@dataclass(frozen=True)
+class _Api:
+    """One of vLLM's routes: the type its body is read as, the keys that type reads, and the
+    serving method that answers it."""
+
+    name: str  #: the type's
+    reads: TypeAdapter[Any]
+    keys: frozenset[str]
+    serve: Callable[..., Awaitable[Any]]
+
+    @classmethod
+    def of(cls, reads: Any, serve: Callable[..., Awaitable[Any]]) -> _Api:
+        name = reads.__name__ if isinstance(reads, type) else str(reads)
+        return cls(name, TypeAdapter(reads), _keys_of(reads), serve)
+
+
 class OpenAiServing:
-    """vLLM's ``OpenAIServingChat`` and ``OpenAIServingCompletion`` on one engine."""
+    """vLLM's ``OpenAIServingChatBatch`` (its chat serving, batches of chats too),
+    ``OpenAIServingCompletion`` and ``ServingTokenization`` on one engine."""
 
     def __init__(
         self, engine: Any, model: str, model_path: str, tool_call_parser: str | None = None
     ) -> None:
-        from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+        from vllm.entrypoints.openai.chat_completion.batch_serving import (
+            OpenAIServingChatBatch,
+        )
+        from vllm.entrypoints.openai.chat_completion.protocol import (
+            BatchChatCompletionRequest,
+            ChatCompletionRequest,
+        )
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
+        from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
         from vllm.renderers.online_renderer import OnlineRenderer
 
         self.model = model
-        models = OpenAIServingModels(
+        self._models = models = OpenAIServingModels(
             engine_client=engine,
             base_model_paths=[BaseModelPath(name=model, model_path=model_path)],
         )
@@ -68,59 +99,82 @@ class OpenAiServing:
             "tool_parser": tool_call_parser,
         }
         renderer = OnlineRenderer(engine.model_config, engine.renderer, **chat)
-        self._chat = OpenAIServingChat(
+        chats = OpenAIServingChatBatch(
             engine, models, "assistant", online_renderer=renderer, **chat
         )
-        self._completion = OpenAIServingCompletion(
+        completions = OpenAIServingCompletion(
             engine, models, online_renderer=renderer, request_logger=None
         )
+        tokens = ServingTokenization(
+            models,
+            renderer,
+            chat_template=None,
+            chat_template_content_format="auto",
+            request_logger=None,
+        )
+        self._apis: dict[Api, _Api] = {
+            "chat": _Api.of(ChatCompletionRequest, chats.create_chat_completion),
+            "chat_batch": _Api.of(BatchChatCompletionRequest, chats.create_batch_chat_completion),
+            "completions": _Api.of(CompletionRequest, completions.create_completion),
+            "tokenize": _Api.of(TokenizeRequest, tokens.create_tokenize),
+            "detokenize": _Api.of(DetokenizeRequest, tokens.create_detokenize),
+        }
 
-    def parse(self, api: Api, body: dict[str, Any], job_id: str) -> Any:
-        """vLLM's request model of ``body``; a key it does not read, or reads and ignores,
-        is refused by name."""
-        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-        model = ChatCompletionRequest if api == "chat" else CompletionRequest
-        known = _keys_of(model)
+    async def parse(self, api: Api, body: dict[str, Any], job_id: str) -> Any:
+        """vLLM's request model of ``body``, refused as vLLM's server refuses it (its
+        validation handler's message and parameter); a key it does not read, or reads and
+        ignores, is refused by name."""
+        reads = self._apis[api]
         for key in sorted(body):
             if key in _RBEE_OWNS:
                 raise InvalidRequest(f"{key}: rbee names each request by its job id", param=key)
-            if key not in known or key in _IGNORED_BY_VLLM:
+            if key not in reads.keys or key in _IGNORED_BY_VLLM:
                 raise InvalidRequest(f"{key}: not a parameter this server honours", param=key)
-        if body.get("model") != self.model:
-            raise ModelNotFound(f"the model {body.get('model')!r} does not exist")
+        if (unknown := await self._models.registry.check_model(body.get("model"))) is not None:
+            raise _error_of(unknown.error.model_dump())
         try:
-            return model.model_validate({**body, "request_id": job_id})
+            request = reads.reads.validate_python(body)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or None
-            message = str(first["msg"]).removeprefix("Value error, ")
-            raise InvalidRequest(f"{where}: {message}" if where else message, param=where) from None
+            raise await _refusal(exc) from None
+        if hasattr(request, "request_id"):
+            request.request_id = job_id
+        return request
+
+    def _invoked(self, body: dict[str, Any]) -> Api:
+        """What SageMaker's ``/invocations`` serves ``body`` as: the first of a chat and a
+        completion it reads as, as vLLM's server picks."""
+        for api in _INVOKED:
+            try:
+                self._apis[api].reads.validate_python(body)
+            except ValidationError:
+                continue
+            return api
+        names = [self._apis[api].name for api in _INVOKED]
+        raise InvalidRequest(f"Cannot find suitable handler for request. Expected one of: {names}")
 
     async def run(self, api: Api, body: dict[str, Any], job_id: str) -> AsyncGenerator[Event, None]:
         """The request's events: a ``Token`` per streamed chunk (the chunk in ``wire``), then
         a ``Result`` with each choice's text and the usage (and vLLM's whole response under
         ``openai`` for a request that is not streamed)."""
         from vllm.entrypoints.generate.base.protocol import StreamOptions
+        from vllm.entrypoints.serve.utils.api_utils import should_include_usage
 
-        request = self.parse(api, body, job_id)
-        asked = request.stream_options
-        if request.stream:  # the job's result has the usage, asked for by the client or not
-            continuous = bool(asked and asked.continuous_usage_stats)
+        if api == "invocations":
+            api = self._invoked(body)
+        request = await self.parse(api, body, job_id)
+        if getattr(request, "stream", False):
+            # The job's result has the usage, asked for by the client or not.
+            asked = request.stream_options
+            _, continuous = should_include_usage(asked, False)  # as vLLM reads what was asked
             request.stream_options = StreamOptions(
                 include_usage=True, continuous_usage_stats=continuous
             )
-        serve = (
-            self._chat.create_chat_completion
-            if api == "chat"
-            else self._completion.create_completion
-        )
-        answer = await serve(request, None)
+        answer = await self._apis[api].serve(request, None)
         if not isinstance(answer, AsyncGenerator):
             _raise_if_cancelled()
             yield Result(_summary(_response(answer), api, self.model))
             return
+        asked = body.get("stream_options") or {}
         choices: dict[int, _Choice] = {}
         usage: dict[str, Any] | None = None
         usage_chunk: str | None = None
@@ -151,7 +205,7 @@ class OpenAiServing:
             for i, c in sorted(choices.items())
         ]
         result = _result(outputs, usage, self.model)
-        if asked is not None and asked.include_usage and usage_chunk is not None:
+        if asked.get("include_usage") and usage_chunk is not None:
             result["usage_chunk"] = usage_chunk
         yield Result(result)
 
@@ -210,11 +264,29 @@ def _error_of(error: dict[str, Any]) -> RbeeError:
     """vLLM's error object as rbee's: a 4xx is the caller's (with the parameter it names)."""
     message = str(error.get("message") or "the engine refused the request")
     status, param = error.get("code"), error.get("param")
+    param = param if isinstance(param, str) else None
     if status == 404:
-        return ModelNotFound(message)
+        return ModelNotFound(message, param=param)
     if isinstance(status, int) and 400 <= status < 500:
-        return InvalidRequest(message, param=param if isinstance(param, str) else None)
+        return InvalidRequest(message, param=param)
     return InternalError(message)
+
+
+async def _refusal(exc: ValidationError) -> InvalidRequest:
+    """What vLLM's server answers a body its request model refuses: FastAPI hands vLLM's
+    validation handler the errors under ``body``, and the handler writes the message and
+    names the parameter."""
+    from fastapi.exceptions import RequestValidationError
+    from vllm.entrypoints.serve.exception_handling.handlers.validation import (
+        validation_exception_handler,
+    )
+
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+    args = SimpleNamespace(log_error_stack=False)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(args=args)))
+    answer = await validation_exception_handler(request, RequestValidationError(errors))  # type: ignore[arg-type]
+    error = json.loads(bytes(answer.body))["error"]
+    return InvalidRequest(error["message"], param=error.get("param"))
 
 
 def _raise_if_cancelled() -> None:
@@ -226,7 +298,10 @@ def _raise_if_cancelled() -> None:
 
 
 @functools.cache
-def _keys_of(model: type[BaseModel]) -> frozenset[str]:
-    """The keys a request model reads: its fields and their aliases (worked out once)."""
-    fields = model.model_fields
+def _keys_of(reads: Any) -> frozenset[str]:
+    """The keys a request type reads (a model, or a union of models): their fields and the
+    fields' aliases (worked out once)."""
+    if not (isinstance(reads, type) and issubclass(reads, BaseModel)):
+        return frozenset().union(*(_keys_of(each) for each in typing.get_args(reads)))
+    fields = reads.model_fields
     return frozenset(fields) | {f.alias for f in fields.values() if f.alias is not None}

@@ -142,12 +142,18 @@ class ChatMessage(BaseModel):
     content: str = Field(max_length=200_000)
 
 
+#: The routes of vLLM's server a worker answers: ``/v1/chat/completions`` (``chat``), its
+#: ``/batch`` (``chat_batch``), ``/v1/completions``, ``/tokenize``, ``/detokenize`` and
+#: SageMaker's ``/invocations`` (a chat or a completion, by what its body reads as).
+OpenAiApi = Literal["chat", "chat_batch", "completions", "tokenize", "detokenize", "invocations"]
+
+
 class OpenAiCall(BaseModel):
-    """An OpenAI request as its client sent it, to ``/v1/chat/completions`` (``chat``) or
-    ``/v1/completions``: the worker reads it with vLLM's own models."""
+    """A request to one of vLLM's routes as its client sent it: the worker reads it with
+    vLLM's own models."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    api: Literal["chat", "completions"]
+    api: OpenAiApi
     request: dict[str, Any]
 
 

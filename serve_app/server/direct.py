@@ -77,6 +77,10 @@ class Routes:
             self._addresses[name] = address
         return Route(name, address, busy)
 
+    def load(self) -> int:
+        """The requests this ingress has at workers now."""
+        return sum(self._busy.values())
+
     def _refresh(self) -> asyncio.Future[None]:
         """The registry's view of the workers, read once however many ask meanwhile. A
         request that has a view of its model goes on with it (the read is not on its

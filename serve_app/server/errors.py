@@ -1,6 +1,6 @@
 """Errors become HTTP here, and only here (SPEC §7): one status table, and the two shapes an
 error is written in, rbee's (``{"error": {"code", "message"}}``) and, on the OpenAI routes,
-OpenAI's (``{"error": {"message", "type", "param", "code"}}``)."""
+vLLM's (``{"error": {"message", "type", "param", "code"}}``, ``code`` the HTTP status)."""
 
 from __future__ import annotations
 
@@ -51,13 +51,15 @@ def openai_status(exc: errors.RbeeError) -> int:
 
 
 def openai_body(exc: errors.RbeeError) -> dict[str, Any]:
-    """OpenAI's error object: ``message``, ``type``, ``param`` and ``code`` (rbee's)."""
+    """The error object of vLLM's server: ``message``, ``type``, ``param`` and ``code``, the
+    HTTP status (rbee's own code is the job's, in its record and its ``error`` event)."""
+    status = openai_status(exc)
     return {
         "error": {
             "message": exc.message,
-            "type": _type_of(openai_status(exc)),
+            "type": _type_of(status),
             "param": exc.param,
-            "code": exc.code,
+            "code": status,
         }
     }
 

