@@ -56,6 +56,7 @@ ROUTES = [
     ("POST", "/cancel"),
     ("POST", "/v1/jobs/cancel"),
     ("GET", "/health"),
+    ("GET", "/openapi.json"),
     ("GET", "/v1/models"),
     ("POST", "/v1/completions"),
     ("POST", "/v1/chat/completions"),
@@ -227,6 +228,8 @@ def send(
     """One request; an event stream is closed as soon as its headers are in (a running job's
     stream stays open), anything else is read whole."""
     timeout = httpx.Timeout(30.0, read=5.0) if path.endswith(("/stream", "/watch")) else 30.0
+    if path == "/openapi.json":
+        timeout = 120.0  # made on its first request: vLLM's models are read in ~10 s
     with client.stream(
         method, path, content=content, headers=headers, params=params, timeout=timeout
     ) as response:

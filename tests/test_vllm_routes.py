@@ -162,3 +162,38 @@ def test_the_job_keeps_rbees_code_of_a_refusal(api, worker):
     record = job(api, refused.headers["x-job-id"])
     assert record["state"] == "failed" and record["error"]["code"] == "INVALID_REQUEST"
     assert "n must be at least 1" in record["error"]["message"]
+
+
+def test_openapi_json_documents_every_route_and_is_valid_openapi_3_1(api, hive):
+    """Made from the routes and the models that read their bodies: every route is there,
+    ``POST /v1/jobs`` takes every operation, vLLM's routes take vLLM's own request models."""
+    from openapi_spec_validator import validate
+    from starlette.routing import Route
+
+    from actors.core.config import Config
+    from actors.core.operations import OPERATION_NAMES
+    from actors.registry_client import Registry
+    from serve_app.server.app import Api
+    from serve_app.server.jobstream import JobStream
+
+    answer = api.get("/openapi.json", timeout=120)  # (vLLM's models are read once, ~10 s)
+    assert answer.status_code == 200, answer.text
+    doc = answer.json()
+    validate(doc)
+    assert doc["openapi"] == "3.1.0"
+    config = Config.load(env={})
+    routes: dict[str, set[str]] = {}
+    for route in Api(config, JobStream(config, Registry(None))).routes():
+        if isinstance(route, Route) and ":rest}" not in route.path:
+            methods = {m.lower() for m in route.methods or ()} - {"head"}
+            routes.setdefault(route.path.replace(":job}", "}"), set()).update(methods)
+    assert {path: set(ops) for path, ops in doc["paths"].items()} == routes
+    schemas = doc["components"]["schemas"]
+    jobs = doc["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
+    operation = schemas[jobs["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert set(operation["discriminator"]["mapping"]) == set(OPERATION_NAMES)
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    spelled = schemas[chat["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    assert {"messages", "model", "stream_options"} <= set(spelled["properties"])
+    assert doc["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"][0]["schema"]["pattern"]
+    assert api.get("/openapi.json").json() == doc  # made once

@@ -21,6 +21,7 @@ from actors.core.operations import OPERATION_NAMES
 from actors.core.table import JOB_ID, JobState, is_job_id
 from actors.registry_client import CancelAnswer, Registry
 from serve_app import sse
+from serve_app.server import openapi
 from serve_app.server.board import Board, Position
 from serve_app.server.errors import EXCEPTION_HANDLERS
 from serve_app.server.guards import guarded
@@ -58,12 +59,14 @@ class Api:
         self.jobs = jobs
         self.board = Board(config, jobs.registry)
         self.openai = OpenAi(self.jobs).routes()
+        self._openapi: asyncio.Future[dict[str, Any]] | None = None
 
     def routes(self) -> list[BaseRoute]:
         """Every route; who may call them is decided before (``serve_app.server.guards``).
         A job id in a path has the job-id form (``{job_id:job}``), else no route is found."""
         return [
             Route("/health", self.health, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
             Route("/v1/jobs", self.submit, methods=["POST"]),
             Route("/v1/jobs/cancel", self.cancel_many, methods=["POST"]),
             Route("/v1/jobs", self.list_jobs, methods=["GET"]),
@@ -92,6 +95,16 @@ class Api:
         except Exception as exc:  # a hive busy or gone: health stays about taking jobs
             log.info("health: preload states unavailable: %r", exc)
         return JSONResponse(body)
+
+    async def openapi(self, request: Request) -> Response:
+        """This document: every route, made from the routes and the models that read them
+        (``serve_app.server.openapi``)."""
+        if self._openapi is None:  # once, in a thread: vLLM's models take seconds to import
+            vllm = [route.path for route in self.openai if isinstance(route, Route)]
+            self._openapi = asyncio.ensure_future(
+                asyncio.to_thread(openapi.document, self.routes(), vllm)
+            )
+        return JSONResponse(await asyncio.shield(self._openapi))
 
     async def submit(self, request: Request) -> Response:
         job_id = await self.jobs.submit(request, await self.jobs.read_json(request))
