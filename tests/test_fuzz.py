@@ -41,6 +41,7 @@ OPENAI = (
     "/ping",
     "/load",
 )
+ANTHROPIC = ("/v1/messages",)
 ROUTES = [
     ("POST", "/v1/jobs"),
     ("GET", "/v1/jobs"),
@@ -68,6 +69,8 @@ ROUTES = [
     ("GET", "/ping"),
     ("POST", "/ping"),
     ("GET", "/load"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
 ]
 BODY_ROUTES = [path for method, path in ROUTES if method == "POST"]
 # Cancelling by filter stops every job it matches: only these touch nothing.
@@ -142,6 +145,11 @@ _openai_bodies = st.fixed_dictionaries(
         "n": st.integers(-1, 3),
         "stream": st.booleans() | _json,
         "user": _json,
+        # Anthropic's
+        "system": st.text(max_size=10) | _json,
+        "stop_sequences": st.lists(_ids, max_size=3) | _json,
+        "thinking": _json,
+        "tool_choice": _json,
     },
 )  # fmt: skip
 # By name: hypothesis prints a failing example, and some of these are large.
@@ -240,12 +248,15 @@ def send(
 
 def check(response: httpx.Response, path: str) -> None:
     """No 5xx; every 4xx is a JSON error, whose ``code`` is rbee's or, on vLLM's routes, the
-    status (as vLLM's server writes it)."""
+    status (as vLLM's server writes it); on Anthropic's, in Anthropic's shape."""
     assert response.status_code < 500, (response.status_code, response.text)
     if 400 <= response.status_code < 500:
-        error = response.json()["error"]
+        answer = response.json()
+        error = answer["error"]
         assert isinstance(error["message"], str) and error["message"]
-        if path.startswith(OPENAI):
+        if path.startswith(ANTHROPIC):
+            assert answer["type"] == "error" and error["type"].endswith("_error"), answer
+        elif path.startswith(OPENAI):
             assert error["code"] == response.status_code, error
         else:
             assert isinstance(error["code"], str) and error["code"]

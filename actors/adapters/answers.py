@@ -1,10 +1,11 @@
-"""An OpenAI request answered straight from the worker that runs it: the one road from the
-engine to the socket.
+"""An OpenAI (or Anthropic) request answered straight from the worker that runs it: the one
+road from the engine to the socket.
 
 The ingress hands the request to the worker (no registry on the way) and writes what comes
 back: vLLM's chunks, as vLLM's server wrote them, gathered into one ``bytes`` per
 ``linger_s`` (the first at once). The last item is always ``Ended``: the stream's tail (the
-usage chunk and ``[DONE]``, as vLLM writes them), or the whole answer of a request that is
+frames after the last token: OpenAI's usage chunk and ``[DONE]``, Anthropic's closing
+events, as vLLM writes them), or the whole answer of a request that is
 not streamed (``Result``), or its refusal (``Error``), with the job's events and how it
 ended. The ingress tells the registry before it writes the tail: a client that has the
 whole answer finds the job over. The job's events are numbered in the worker's run as any
@@ -25,7 +26,6 @@ from actors.core.events import Error, Result, StreamEvent, Token
 from actors.core.operations import Infer
 from actors.core.running import Ended, batched
 from actors.core.table import JobState
-from serve_app import sse
 
 
 async def answer(
@@ -46,13 +46,11 @@ async def answer(
             for item in batch:
                 event = item.event
                 if isinstance(event, Token) and event.wire is not None:
-                    out.append(sse.data(event.wire))
-                elif isinstance(event, Result) and "openai" in event.value:
+                    out.append(event.wire)
+                elif isinstance(event, Result) and "answer" in event.value:
                     ended.answer = event  # a whole answer: the ingress writes it as JSON
                 elif isinstance(event, Result):
-                    usage = event.value.get("usage_chunk")
-                    tail += [sse.data(usage)] if usage else []
-                    tail.append(sse.DATA_DONE)
+                    tail.append(str(event.value.get("tail") or ""))
             if out and not tail:
                 yield "".join(out).encode()
             elif out:

@@ -404,7 +404,7 @@ class EngineWorker:
         yield Narration(
             ACTOR,
             "generate",
-            f"{self.worker_id} answering an OpenAI {call.api} request with {self.model}",
+            f"{self.worker_id} answering a {call.api} request with {self.model}",
             correlation_id=correlation_id,
         )
         events = self._openai.run(call.api, call.request, job_id)
@@ -415,9 +415,9 @@ class EngineWorker:
                 elif isinstance(event, Result):
                     self.served += 1
                     # A chunk may hold several tokens: the usage tells how many there were.
-                    self._count_tokens(
-                        int((event.value.get("usage") or {}).get("completion_tokens") or 0)
-                    )
+                    usage = event.value.get("usage") or {}
+                    made = usage.get("completion_tokens") or usage.get("output_tokens")
+                    self._count_tokens(int(made or 0))
                     event = Result({**event.value, "worker_id": self.worker_id})
                 yield event
 

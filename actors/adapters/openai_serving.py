@@ -1,4 +1,5 @@
-"""OpenAI requests served by vLLM's own serving layer, in the worker that runs them.
+"""OpenAI (and Anthropic) requests served by vLLM's own serving layer, in the worker that
+runs them.
 
 A request is parsed with vLLM's protocol models (``ChatCompletionRequest``,
 ``CompletionRequest``), rendered by vLLM (content parts, the model's chat template, tools in
@@ -6,15 +7,20 @@ the prompt), turned into ``SamplingParams`` by vLLM's own conversion and written
 chunk as vLLM's server writes it: every parameter vLLM supports works as it does there
 (batches of prompts, ``n``, logprobs, penalties, ``stop``, ``seed``, ``response_format``, ...).
 
+Anthropic's Messages go through vLLM's ``AnthropicServingMessages`` the same way: its
+conversion to a chat request, its events (``event: ...`` frames, no ``[DONE]``).
+
 rbee adds what a job needs: a key vLLM would accept and ignore is refused with its name
-(nothing is accepted and ignored), the request is named by its job, every chunk is also a
-``Token`` of its choice, and a cancel ends every sequence of the request (vLLM aborts a
-request whose stream is cancelled or closed).
+(nothing is accepted and ignored), the request is named by its job, every token is also a
+``Token`` of its choice (its ``wire``: the frames up to it, as vLLM's server writes them;
+the ``Result``'s ``tail``: the frames after the last), and a cancel ends every sequence of
+the request (vLLM aborts a request whose stream is cancelled or closed).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import typing
@@ -37,6 +43,8 @@ _IGNORED_BY_VLLM = frozenset({"return_token_offsets", "mm_payload", "return_mm_k
 _INVOKED: tuple[Api, ...] = ("chat", "completions")
 #: Keys rbee sets itself: the request is named by its job.
 _RBEE_OWNS = frozenset({"request_id"})
+#: The routes of Anthropic's API: answered in its shape.
+ANTHROPIC: frozenset[Api] = frozenset({"messages", "count_tokens"})
 
 
 @dataclass
@@ -64,11 +72,17 @@ class _Api:
 
 class OpenAiServing:
     """vLLM's ``OpenAIServingChatBatch`` (its chat serving, batches of chats too),
-    ``OpenAIServingCompletion`` and ``ServingTokenization`` on one engine."""
+    ``OpenAIServingCompletion``, ``ServingTokenization`` and ``AnthropicServingMessages``
+    on one engine."""
 
     def __init__(
         self, engine: Any, model: str, model_path: str, tool_call_parser: str | None = None
     ) -> None:
+        from vllm.entrypoints.anthropic.protocol import (
+            AnthropicCountTokensRequest,
+            AnthropicMessagesRequest,
+        )
+        from vllm.entrypoints.anthropic.serving import AnthropicServingMessages
         from vllm.entrypoints.openai.chat_completion.batch_serving import (
             OpenAIServingChatBatch,
         )
@@ -105,6 +119,9 @@ class OpenAiServing:
         completions = OpenAIServingCompletion(
             engine, models, online_renderer=renderer, request_logger=None
         )
+        messages = AnthropicServingMessages(
+            engine, models, "assistant", online_renderer=renderer, **chat
+        )
         tokens = ServingTokenization(
             models,
             renderer,
@@ -118,6 +135,8 @@ class OpenAiServing:
             "completions": _Api.of(CompletionRequest, completions.create_completion),
             "tokenize": _Api.of(TokenizeRequest, tokens.create_tokenize),
             "detokenize": _Api.of(DetokenizeRequest, tokens.create_detokenize),
+            "messages": _Api.of(AnthropicMessagesRequest, messages.create_messages),
+            "count_tokens": _Api.of(AnthropicCountTokensRequest, messages.count_tokens),
         }
 
     async def parse(self, api: Api, body: dict[str, Any], job_id: str) -> Any:
@@ -153,16 +172,17 @@ class OpenAiServing:
         raise InvalidRequest(f"Cannot find suitable handler for request. Expected one of: {names}")
 
     async def run(self, api: Api, body: dict[str, Any], job_id: str) -> AsyncGenerator[Event, None]:
-        """The request's events: a ``Token`` per streamed chunk (the chunk in ``wire``), then
-        a ``Result`` with each choice's text and the usage (and vLLM's whole response under
-        ``openai`` for a request that is not streamed)."""
+        """The request's events: a ``Token`` per streamed token (the frames up to it in
+        ``wire``), then a ``Result`` with each choice's text and the usage, and the frames
+        after the last token (``tail``); or, for a request that is not streamed, vLLM's
+        whole answer (``answer``)."""
         from vllm.entrypoints.generate.base.protocol import StreamOptions
         from vllm.entrypoints.serve.utils.api_utils import should_include_usage
 
         if api == "invocations":
             api = self._invoked(body)
         request = await self.parse(api, body, job_id)
-        if getattr(request, "stream", False):
+        if getattr(request, "stream", False) and api not in ANTHROPIC:
             # The job's result has the usage, asked for by the client or not.
             asked = request.stream_options
             _, continuous = should_include_usage(asked, False)  # as vLLM reads what was asked
@@ -172,42 +192,91 @@ class OpenAiServing:
         answer = await self._apis[api].serve(request, None)
         if not isinstance(answer, AsyncGenerator):
             _raise_if_cancelled()
-            yield Result(_summary(_response(answer), api, self.model))
+            yield Result(_summary(_response(answer, api), api, self.model))
             return
-        asked = body.get("stream_options") or {}
-        choices: dict[int, _Choice] = {}
-        usage: dict[str, Any] | None = None
-        usage_chunk: str | None = None
         try:
-            async for line in answer:
-                data = line.removeprefix("data: ").rstrip("\n")
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    raise _error_of(chunk["error"])
-                if not chunk.get("choices"):  # the usage, after every choice's last chunk
-                    usage, usage_chunk = chunk.get("usage"), data
-                    continue
-                # vLLM's server writes one choice per chunk.
-                part = chunk["choices"][0]
-                choice = choices.setdefault(part["index"], _Choice())
-                text = _text_of(part, api)
-                choice.finish_reason = part.get("finish_reason") or choice.finish_reason
-                choice.text.append(text)
-                if not _opens(part, api):
-                    choice.tokens += 1
-                yield Token(text=text, index=choice.tokens, choice=part["index"], wire=data)
+            if api in ANTHROPIC:
+                events = _anthropic_stream(answer, self.model)
+            else:
+                usage_asked = bool((body.get("stream_options") or {}).get("include_usage"))
+                events = _openai_stream(answer, api, self.model, usage_asked)
+            async with contextlib.aclosing(events):
+                async for event in events:
+                    yield event
         finally:
             await answer.aclose()
-        outputs = [
-            {"index": i, "text": "".join(c.text), "finish_reason": c.finish_reason}
-            for i, c in sorted(choices.items())
-        ]
-        result = _result(outputs, usage, self.model)
-        if asked.get("include_usage") and usage_chunk is not None:
-            result["usage_chunk"] = usage_chunk
-        yield Result(result)
+
+
+async def _openai_stream(
+    answer: AsyncGenerator[str, None], api: Api, model: str, usage_asked: bool
+) -> AsyncGenerator[Event, None]:
+    """vLLM's chunks (``data: ...`` lines) as tokens of their choices; the usage chunk (sent
+    on only if the client asked for it) and ``[DONE]`` are the tail."""
+    choices: dict[int, _Choice] = {}
+    usage: dict[str, Any] | None = None
+    tail: list[str] = []
+    async for line in answer:
+        data = line.removeprefix("data: ").rstrip("\n")
+        if data == "[DONE]":
+            tail.append(line)
+            break
+        chunk = json.loads(data)
+        if "error" in chunk:
+            raise _error_of(chunk["error"])
+        if not chunk.get("choices"):  # the usage, after every choice's last chunk
+            usage = chunk.get("usage")
+            tail += [line] if usage_asked else []
+            continue
+        # vLLM's server writes one choice per chunk.
+        part = chunk["choices"][0]
+        choice = choices.setdefault(part["index"], _Choice())
+        text = _text_of(part, api)
+        choice.finish_reason = part.get("finish_reason") or choice.finish_reason
+        choice.text.append(text)
+        if not _opens(part, api):
+            choice.tokens += 1
+        yield Token(text=text, index=choice.tokens, choice=part["index"], wire=line)
+    outputs = [
+        {"index": i, "text": "".join(c.text), "finish_reason": c.finish_reason}
+        for i, c in sorted(choices.items())
+    ]
+    yield Result({**_result(outputs, usage, model), "tail": "".join(tail)})
+
+
+async def _anthropic_stream(
+    answer: AsyncGenerator[str, None], model: str
+) -> AsyncGenerator[Event, None]:
+    """vLLM's Anthropic events as tokens: each delta of a content block is one (its
+    ``wire`` also holds the events before it that carry none: the message's start, a
+    block's start and stop); the events after the last delta are the tail."""
+    held: list[str] = []
+    text: list[str] = []
+    stop_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    async for frame in answer:
+        kind, data = _event_of(frame)
+        if kind == "error":
+            error = data.get("error") or {}
+            raise InternalError(str(error.get("message") or "the engine failed"))
+        delta = data.get("delta") or {}
+        if kind == "content_block_delta" and delta.get("type") != "signature_delta":
+            piece = str(delta.get("text") or delta.get("thinking") or "")
+            text.append(piece)
+            yield Token(text=piece, index=len(text), wire="".join(held) + frame)
+            held.clear()
+            continue
+        if kind == "message_delta":
+            stop_reason, usage = delta.get("stop_reason"), data.get("usage")
+        held.append(frame)
+    outputs = [{"index": 0, "text": "".join(text), "finish_reason": stop_reason}]
+    yield Result({**_result(outputs, usage, model), "tail": "".join(held)})
+
+
+def _event_of(frame: str) -> tuple[str, dict[str, Any]]:
+    """The name and data of one of vLLM's ``event: name\\ndata: json\\n\\n`` frames."""
+    head, _, rest = frame.partition("\n")
+    data = rest.strip().removeprefix("data:").strip()
+    return head.removeprefix("event:").strip(), json.loads(data) if data else {}
 
 
 def _text_of(part: dict[str, Any], api: Api) -> str:
@@ -234,16 +303,22 @@ def _result(outputs: list[dict[str, Any]], usage: Any, model: str) -> dict[str, 
     }
 
 
-def _response(answer: Any) -> dict[str, Any]:
+def _response(answer: Any, api: Api) -> dict[str, Any]:
+    """vLLM's answer as its server writes it (the Anthropic routes leave out what is None)."""
     from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
     if isinstance(answer, ErrorResponse):
         raise _error_of(answer.error.model_dump())
-    whole: dict[str, Any] = answer.model_dump(mode="json")
+    whole: dict[str, Any] = answer.model_dump(mode="json", exclude_none=api in ANTHROPIC)
     return whole
 
 
 def _summary(whole: dict[str, Any], api: Api, model: str) -> dict[str, Any]:
+    if api in ANTHROPIC:
+        blocks = whole.get("content") or []
+        said = "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")
+        outputs = [{"index": 0, "text": said, "finish_reason": whole.get("stop_reason")}]
+        return {**_result(outputs, whole.get("usage"), model), "answer": whole}
     outputs = []
     for choice in whole.get("choices", []):
         if api == "completions":
@@ -257,7 +332,7 @@ def _summary(whole: dict[str, Any], api: Api, model: str) -> dict[str, Any]:
                 "finish_reason": choice.get("finish_reason"),
             }
         )
-    return {**_result(outputs, whole.get("usage"), model), "openai": whole}
+    return {**_result(outputs, whole.get("usage"), model), "answer": whole}
 
 
 def _error_of(error: dict[str, Any]) -> RbeeError:

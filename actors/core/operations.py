@@ -143,9 +143,13 @@ class ChatMessage(BaseModel):
 
 
 #: The routes of vLLM's server a worker answers: ``/v1/chat/completions`` (``chat``), its
-#: ``/batch`` (``chat_batch``), ``/v1/completions``, ``/tokenize``, ``/detokenize`` and
-#: SageMaker's ``/invocations`` (a chat or a completion, by what its body reads as).
-OpenAiApi = Literal["chat", "chat_batch", "completions", "tokenize", "detokenize", "invocations"]
+#: ``/batch`` (``chat_batch``), ``/v1/completions``, ``/tokenize``, ``/detokenize``,
+#: SageMaker's ``/invocations`` (a chat or a completion, by what its body reads as), and
+#: Anthropic's ``/v1/messages`` and its ``/count_tokens``.
+OpenAiApi = Literal[
+    "chat", "chat_batch", "completions", "tokenize", "detokenize", "invocations",
+    "messages", "count_tokens",
+]  # fmt: skip
 
 
 class OpenAiCall(BaseModel):

@@ -36,6 +36,7 @@ from serve_app.server.jobstream import (
     new_correlation_id,
 )
 from serve_app.server.openai import OpenAi
+from serve_app.server.openai import shapes as openai_shapes
 from serve_app.server.page import page_routes
 
 log = logging.getLogger("rbee.http")
@@ -59,6 +60,7 @@ class Api:
         self.jobs = jobs
         self.board = Board(config, jobs.registry)
         self.openai = OpenAi(self.jobs).routes()
+        self.shapes = openai_shapes()
         self._openapi: asyncio.Future[dict[str, Any]] | None = None
 
     def routes(self) -> list[BaseRoute]:
@@ -89,9 +91,7 @@ class Api:
         await self.registry.ready()
         body: dict[str, Any] = {"status": "ok"}
         try:
-            body["preload"] = await asyncio.wait_for(
-                self.registry.preloads(), _HEALTH_DETAIL_S
-            )
+            body["preload"] = await asyncio.wait_for(self.registry.preloads(), _HEALTH_DETAIL_S)
         except Exception as exc:  # a hive busy or gone: health stays about taking jobs
             log.info("health: preload states unavailable: %r", exc)
         return JSONResponse(body)
@@ -100,9 +100,8 @@ class Api:
         """This document: every route, made from the routes and the models that read them
         (``serve_app.server.openapi``)."""
         if self._openapi is None:  # once, in a thread: vLLM's models take seconds to import
-            vllm = [route.path for route in self.openai if isinstance(route, Route)]
             self._openapi = asyncio.ensure_future(
-                asyncio.to_thread(openapi.document, self.routes(), vllm)
+                asyncio.to_thread(openapi.document, self.routes(), self.shapes)
             )
         return JSONResponse(await asyncio.shield(self._openapi))
 
@@ -307,8 +306,7 @@ def build_app(config: Config, registry: Any, jobs: JobStream | None = None) -> A
     api = Api(config, jobs or JobStream(config, Registry(registry)))
     starlette = Starlette(routes=api.routes(), exception_handlers=EXCEPTION_HANDLERS)
     starlette.router.redirect_slashes = False  # a redirect would be built from the Host header
-    openai_paths = {route.path for route in api.openai}
-    return CorrelationIds(guarded(starlette, config.server, openai_paths))
+    return CorrelationIds(guarded(starlette, config.server, api.shapes))
 
 
 __all__ = ["Api", "RbeeError", "build_app"]

@@ -1,11 +1,14 @@
-"""Errors become HTTP here, and only here (SPEC §7): one status table, and the two shapes an
-error is written in, rbee's (``{"error": {"code", "message"}}``) and, on the OpenAI routes,
-vLLM's (``{"error": {"message", "type", "param", "code"}}``, ``code`` the HTTP status)."""
+"""Errors become HTTP here, and only here (SPEC §7): one status table, and the shapes an
+error is written in: rbee's (``{"error": {"code", "message"}}``); on the OpenAI routes,
+vLLM's (``{"error": {"message", "type", "param", "code"}}``, ``code`` the HTTP status); on
+Anthropic's, Anthropic's (``{"type": "error", "error": {"type", "message"}}``). In a stream
+that has begun, an error is the stream's last event, in the stream's shape."""
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from ray.exceptions import RayActorError
 from starlette.exceptions import HTTPException
@@ -13,6 +16,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from actors.core import errors
+from serve_app import sse
+
+#: The shape an error is written in: rbee's, OpenAI's (vLLM's), Anthropic's.
+Shape = Literal["rbee", "openai", "anthropic"]
 
 STATUS: dict[type[errors.RbeeError], int] = {
     errors.MalformedBody: 400,
@@ -69,15 +76,53 @@ def _type_of(code: int) -> str:
     return name if name.endswith("Error") else name + "Error"
 
 
+#: Anthropic's error types by status (its API's own list; a status not in it is an
+#: ``api_error``). vLLM's server names them by its own OpenAI types instead; Anthropic's
+#: clients and their users read these.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def anthropic_body(exc: errors.RbeeError) -> dict[str, Any]:
+    """The error object of Anthropic's API, of the status vLLM's server answers with."""
+    kind = _ANTHROPIC_TYPES.get(openai_status(exc), "api_error")
+    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def stream_error(exc: errors.RbeeError, shape: Shape) -> str:
+    """``exc`` as the last event of a stream of ``shape``: OpenAI's, a chunk of its error
+    object and ``[DONE]``; Anthropic's, its ``error`` event."""
+    if shape == "anthropic":
+        data = json.dumps(anthropic_body(exc), separators=(",", ":"))
+        return f"event: error\ndata: {data}\n\n"
+    return sse.data_json(openai_body(exc)) + sse.DATA_DONE
+
+
 def response_for(
-    exc: errors.RbeeError, *, openai: bool = False, challenge: str = "Bearer"
+    exc: errors.RbeeError, shape: Shape = "rbee", *, challenge: str = "Bearer"
 ) -> JSONResponse:
-    """``exc`` as an HTTP answer, in OpenAI's shape on its routes; a 401 names the
-    credentials it wants (``challenge``: the page's files ask the browser for Basic)."""
-    status = openai_status(exc) if openai else status_of(exc)
-    body = openai_body(exc) if openai else error_body(exc.code, exc.message)
-    headers = {"WWW-Authenticate": challenge} if status == 401 else None
-    return JSONResponse(body, status, headers=headers)
+    """``exc`` as an HTTP answer in ``shape``; a 401 names the credentials it wants
+    (``challenge``: the page's files ask the browser for Basic). A request whose job was
+    cancelled is not to be sent again: OpenAI's and Anthropic's clients retry a 409 unless
+    told (``x-should-retry``), and a retry would run the work the cancel stopped."""
+    status = status_of(exc) if shape == "rbee" else openai_status(exc)
+    if shape == "openai":
+        body = openai_body(exc)
+    elif shape == "anthropic":
+        body = anthropic_body(exc)
+    else:
+        body = error_body(exc.code, exc.message)
+    headers = {"WWW-Authenticate": challenge} if status == 401 else {}
+    if isinstance(exc, errors.JobCancelled):
+        headers["x-should-retry"] = "false"
+    return JSONResponse(body, status, headers=headers or None)
 
 
 async def rbee_error(request: Request, exc: Exception) -> JSONResponse:

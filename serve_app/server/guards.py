@@ -25,7 +25,7 @@ import hmac
 import ipaddress
 import logging
 import re
-from collections.abc import Collection
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from actors.core.config import ServerConfig
 from actors.core.errors import Forbidden, RbeeError, Unauthorized, UnsupportedMediaType
-from serve_app.server.errors import response_for
+from serve_app.server.errors import Shape, response_for
 
 log = logging.getLogger("rbee.http")
 
@@ -139,13 +139,14 @@ class HostRule:
 
 class _Guard:
     """A middleware that lets a request through once ``check`` passes, and answers the error
-    it raises (JSON, in OpenAI's shape on its routes) otherwise."""
+    it raises (JSON, in the shape of the route's API: ``shapes`` by path, rbee's elsewhere)
+    otherwise."""
 
     def __init__(
-        self, app: ASGIApp, server: ServerConfig, openai_paths: Collection[str] = ()
+        self, app: ASGIApp, server: ServerConfig, shapes: Mapping[str, Shape] | None = None
     ) -> None:
         self.app = app
-        self._openai = frozenset(openai_paths)
+        self._shapes = dict(shapes or {})
         self.setup(server)
 
     def setup(self, server: ServerConfig) -> None:
@@ -166,7 +167,8 @@ class _Guard:
             self.check(scope)
         except RbeeError as exc:
             path = scope["path"]
-            refusal = response_for(exc, openai=path in self._openai, challenge=self.challenge(path))
+            shape = self._shapes.get(path, "rbee")
+            refusal = response_for(exc, shape, challenge=self.challenge(path))
             await refusal(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -183,7 +185,9 @@ class Door(_Guard):
     def check(self, scope: Scope) -> None:
         client = scope.get("client")
         if self._loopback_only and client and not is_loopback(str(client[0])):
-            raise Forbidden("this rbee server answers only its own machine (server.host is loopback)")
+            raise Forbidden(
+                "this rbee server answers only its own machine (server.host is loopback)"
+            )
         hosts = _values(scope, b"host")
         authority = Authority.parse(hosts[0]) if len(hosts) == 1 else None
         if authority is None or not self._hosts.allows(authority.host):
@@ -285,9 +289,11 @@ def _values(scope: Scope, name: bytes) -> list[str]:
     return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
 
 
-def guarded(app: ASGIApp, server: ServerConfig, openai_paths: Collection[str] = ()) -> ASGIApp:
+def guarded(
+    app: ASGIApp, server: ServerConfig, shapes: Mapping[str, Shape] | None = None
+) -> ASGIApp:
     """``app`` behind the door, the allowed origins' CORS, and the credentials check."""
-    app = Credentials(app, server, openai_paths)
+    app = Credentials(app, server, shapes)
     if server.allowed_origins:
         app = CORSMiddleware(
             app,
@@ -297,4 +303,4 @@ def guarded(app: ASGIApp, server: ServerConfig, openai_paths: Collection[str] = 
             expose_headers=["x-job-id", "x-correlation-id", "location"],
             allow_private_network=True,  # a page of the network's calling this machine
         )
-    return Door(app, server, openai_paths)
+    return Door(app, server, shapes)

@@ -1,5 +1,6 @@
-"""OpenAI-compatible inference (SPEC §6): every request is an ``infer`` job (``X-Job-Id``),
-cancellable like any job; a client that disconnects aborts its generation.
+"""OpenAI-compatible inference, and Anthropic's Messages (SPEC §6): every request is an
+``infer`` job (``X-Job-Id``), cancellable like any job; a client that disconnects aborts
+its generation.
 
 The request goes to the worker as the client sent it: vLLM's own models read it there and
 vLLM's server code writes the chunks (``actors.adapters.openai_serving``); this side
@@ -19,7 +20,6 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
-    Iterator,
 )
 from importlib import metadata
 from typing import Any, TypeVar
@@ -40,7 +40,7 @@ from actors.core.table import new_job_id
 from actors.registry_client import Registry
 from serve_app import sse
 from serve_app.server import direct
-from serve_app.server.errors import actor_gone_error, openai_body, response_for
+from serve_app.server.errors import Shape, actor_gone_error, response_for, stream_error
 from serve_app.server.jobstream import Item, JobStream, correlation_id
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -57,7 +57,17 @@ WORKER_ROUTES: dict[str, Api] = {
     "/tokenize": "tokenize",
     "/detokenize": "detokenize",
     "/invocations": "invocations",
+    "/v1/messages": "messages",
+    "/v1/messages/count_tokens": "count_tokens",
 }
+#: The routes of Anthropic's API, answered in its shape (the rest in OpenAI's).
+_ANTHROPIC = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
+
+
+def shapes() -> dict[str, Shape]:
+    """The shape each of these routes writes its errors in."""
+    paths = ["/v1/models", "/version", "/ping", "/load", *WORKER_ROUTES]
+    return {path: "anthropic" if path in _ANTHROPIC else "openai" for path in paths}
 
 
 class OpenAi:
@@ -76,11 +86,11 @@ class OpenAi:
         ]
         # The rest go to a worker, where vLLM's serving code answers them.
         answered += [
-            (path, ["POST"], functools.partial(self._run, api=api))
+            (path, ["POST"], functools.partial(self._run, api=api, shape=shapes()[path]))
             for path, api in WORKER_ROUTES.items()
         ]
         return [
-            Route(path, _in_openai_shape(handler), methods=methods)
+            Route(path, _in_shape(handler, shapes()[path]), methods=methods)
             for path, methods, handler in answered
         ]
 
@@ -108,7 +118,7 @@ class OpenAi:
         """vLLM's ``server_load``: the requests this ingress has at its workers."""
         return JSONResponse({"server_load": self._routes.load()})
 
-    async def _run(self, request: Request, api: Api) -> Response:
+    async def _run(self, request: Request, api: Api, shape: Shape) -> Response:
         body = await self._jobs.read_json(request)
         if not isinstance(body, dict):
             raise InvalidRequest("the body must be a JSON object")
@@ -116,17 +126,17 @@ class OpenAi:
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model: the id of a model is required", param="model")
         try:
-            return await self._answer(request, api, body, model)
+            return await self._answer(request, api, body, model, shape)
         except ModelNotFound:  # no worker has it and no hive's cache: vLLM's words for that
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model") from None
 
     async def _answer(
-        self, request: Request, api: Api, body: dict[str, Any], model: str
+        self, request: Request, api: Api, body: dict[str, Any], model: str, shape: Shape
     ) -> Response:
         op = {"operation": "infer", "model": model, "openai": {"api": api, "request": body}}
         route = await self._routes.pick(model)
         if route is not None:
-            answered = await self._direct(request, op, route)
+            answered = await self._direct(request, op, route, shape)
             if answered is not None:
                 return answered
         # No worker serves the model (yet, or it just died): the registry finds or starts
@@ -140,14 +150,15 @@ class OpenAi:
             head = await self._while_connected(request, job_id, _first_answer(events))
             if head is None:
                 return Response(status_code=499)  # nobody is left to read it
-            return _JobStreamResponse(self._jobs, job_id, _stream(head, events), headers)
+            stream = _stream(head, events, shape)
+            return _JobStreamResponse(self._jobs, job_id, stream, headers)
         result = await self._while_connected(request, job_id, self._jobs.result(job_id))
         if result is None:
             return Response(status_code=499)
-        return JSONResponse(result["openai"], headers=headers)
+        return JSONResponse(result["answer"], headers=headers)
 
     async def _direct(
-        self, request: Request, op: dict[str, Any], route: direct.Route
+        self, request: Request, op: dict[str, Any], route: direct.Route, shape: Shape
     ) -> Response | None:
         """The one road (``serve_app.server.direct``): the worker answers, the registry is
         told of the job (not waited for) and of its end (before the end is written). None:
@@ -179,10 +190,10 @@ class OpenAi:
                 if isinstance(first.answer, Error):
                     raise _error_of(first.answer)
                 if isinstance(first.answer, Result):
-                    return JSONResponse(first.answer.value["openai"], headers=headers)
+                    return JSONResponse(first.answer.value["answer"], headers=headers)
                 first = first.tail  # the whole stream came in one go
             streaming = True
-            body = _chunks(first, answer, registry, adoption)
+            body = _chunks(first, answer, registry, adoption, shape)
             return _AnswerResponse(call, body, headers, busy)
         finally:
             if not streaming:
@@ -251,30 +262,32 @@ async def _first_answer(events: AsyncGenerator[list[Item], None]) -> list[Item]:
     return head
 
 
-async def _stream(head: list[Item], events: AsyncGenerator[list[Item], None]) -> AsyncIterator[str]:
-    """The chunks as vLLM's server writes them, then ``[DONE]``; a failure (a cancel, say)
-    is an ``error`` chunk in OpenAI's shape. The job's events are closed with it (a client
+async def _stream(
+    head: list[Item], events: AsyncGenerator[list[Item], None], shape: Shape
+) -> AsyncIterator[str]:
+    """The stream as vLLM's server writes it, to its end; a failure (a cancel, say) is the
+    error event of the stream's ``shape``. The job's events are closed with it (a client
     gone midway leaves no long poll or live watch behind)."""
     async with contextlib.aclosing(events):
         batch: list[Item] | None = head
+        ended = False
         while batch is not None:
-            if out := "".join(_wire(batch)):
-                yield out
+            out: list[str] = []
+            for item in batch:
+                event = item.event if isinstance(item, StreamEvent) else None
+                if isinstance(event, Token) and event.wire is not None:
+                    out.append(event.wire)
+                elif isinstance(event, Result):
+                    out.append(str(event.value.get("tail") or ""))
+                    ended = True
+                elif isinstance(event, Error):
+                    out.append(stream_error(_error_of(event), shape))
+                    ended = True
+            if written := "".join(out):
+                yield written
             batch = await anext(events, None)
-        yield sse.DATA_DONE
-
-
-def _wire(batch: list[Item]) -> Iterator[str]:
-    for item in batch:
-        if not isinstance(item, StreamEvent):
-            continue
-        event = item.event
-        if isinstance(event, Token) and event.wire is not None:
-            yield sse.data(event.wire)
-        elif isinstance(event, Result) and "usage_chunk" in event.value:
-            yield sse.data(event.value["usage_chunk"])
-        elif isinstance(event, Error):
-            yield sse.data_json(openai_body(_error_of(event)))
+        if not ended and shape == "openai":
+            yield sse.DATA_DONE
 
 
 def _error_of(event: Error) -> RbeeError:
@@ -330,11 +343,15 @@ async def _until_gone(request: Request, answer: Awaitable[_T]) -> _T | None:
 
 
 async def _chunks(
-    first: bytes, answer: AsyncIterator[bytes | Ended], registry: Registry, adoption: Adoption
+    first: bytes,
+    answer: AsyncIterator[bytes | Ended],
+    registry: Registry,
+    adoption: Adoption,
+    shape: Shape,
 ) -> AsyncIterator[bytes]:
     """The worker's bytes as they come, then its tail once the registry is told; a failure
-    (the worker's error, a cancel, a worker that died) is an error chunk in OpenAI's shape,
-    then the end."""
+    (the worker's error, a cancel, a worker that died) is the error event of the stream's
+    ``shape``, then the end."""
     yield first
     try:
         async for item in answer:
@@ -346,7 +363,7 @@ async def _chunks(
                 raise _error_of(item.answer)
             yield item.tail
     except RbeeError as exc:
-        yield (sse.data_json(openai_body(exc)) + sse.DATA_DONE).encode()
+        yield stream_error(exc, shape).encode()
 
 
 def _tell_end(registry: Registry, adoption: Adoption, ended: Ended) -> None:
@@ -394,16 +411,16 @@ def _version(package: str) -> str | None:
     return None
 
 
-def _in_openai_shape(handler: Handler) -> Handler:
-    """Errors of the OpenAI routes in OpenAI's shape."""
+def _in_shape(handler: Handler, shape: Shape) -> Handler:
+    """Errors of a route in the shape of its API."""
 
     async def handle(request: Request) -> Response:
         try:
             return await handler(request)
         except RbeeError as exc:
-            response = response_for(exc, openai=True)
+            response = response_for(exc, shape)
         except RayActorError as exc:
-            response = response_for(actor_gone_error(exc), openai=True)
+            response = response_for(actor_gone_error(exc), shape)
         if job_id := getattr(request.state, "job_id", None):
             response.headers["X-Job-Id"] = job_id  # the request was a job: it is there to see
         return response

@@ -16,14 +16,17 @@ import logging
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter
 from starlette.routing import BaseRoute, Route
 
 from actors.core.operations import Operation
 from actors.core.table import JOB_ID
+
+if TYPE_CHECKING:
+    from serve_app.server.errors import Shape
 
 log = logging.getLogger("rbee.openapi")
 
@@ -39,10 +42,14 @@ VLLM_BODIES: dict[str, tuple[str, str]] = {
     ),
     "/tokenize": ("vllm.entrypoints.serve.tokenize.protocol", "TokenizeRequest"),
     "/detokenize": ("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeRequest"),
+    "/v1/messages": ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest"),
+    "/v1/messages/count_tokens": (
+        "vllm.entrypoints.anthropic.protocol", "AnthropicCountTokensRequest"
+    ),
 }  # fmt: skip
 #: Routes whose answer is an event stream (SSE), always or with ``"stream": true``.
 STREAMS = frozenset({"/v1/jobs/{job_id}/stream", "/v1/jobs/watch"})
-STREAMABLE = frozenset({"/v1/completions", "/v1/chat/completions", "/invocations"})
+STREAMABLE = frozenset({"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/messages"})
 
 _RBEE_ERROR = {
     "type": "object",
@@ -71,16 +78,31 @@ _VLLM_ERROR = {
         }
     },
 }
+_ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+#: The schema of the errors of each shape (``serve_app.server.errors``).
+_ERRORS = {"rbee": "Error", "openai": "VllmError", "anthropic": "AnthropicError"}
 _VLLM = "vllm."  #: vLLM's models' names among the schemas (rbee's have none)
 _PATH_PARAM = re.compile(r"{(\w+)(?::(\w+))?}")
 
 
-def document(routes: Iterable[BaseRoute], vllm_paths: Iterable[str]) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of ``routes``; ``vllm_paths``: the routes answered in vLLM's
-    shape (their errors are vLLM's)."""
-    schemas: dict[str, Any] = {"Error": _RBEE_ERROR, "VllmError": _VLLM_ERROR}
+def document(routes: Iterable[BaseRoute], shapes: Mapping[str, Shape]) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of ``routes``; ``shapes``: the routes of vLLM's (OpenAI's,
+    Anthropic's) APIs, by the shape of their errors."""
+    schemas: dict[str, Any] = {
+        "Error": _RBEE_ERROR, "VllmError": _VLLM_ERROR, "AnthropicError": _ANTHROPIC_ERROR
+    }  # fmt: skip
     operation = _lift(TypeAdapter(Operation), "Operation", schemas)
-    vllm = set(vllm_paths)
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         if not isinstance(route, Route) or ":rest}" in route.path:
@@ -90,10 +112,11 @@ def document(routes: Iterable[BaseRoute], vllm_paths: Iterable[str]) -> dict[str
             body = None
             if method == "POST" and path == "/v1/jobs":
                 body = operation
-            elif method == "POST" and path in vllm:
+            elif method == "POST" and path in shapes:
                 body = _vllm_body(path, schemas)
+            error = _ERRORS[shapes.get(path, "rbee")]
             paths.setdefault(path, {})[method.lower()] = _operation(
-                route, path, method, body, error="VllmError" if path in vllm else "Error"
+                route, path, method, body, error=error
             )
     return {
         "openapi": "3.1.0",
@@ -101,7 +124,8 @@ def document(routes: Iterable[BaseRoute], vllm_paths: Iterable[str]) -> dict[str
             "title": "rbee",
             "version": _version(),
             "description": "Jobs for LLM work on Ray: downloads and inference you can watch "
-            "live and really cancel, and the routes of vLLM's OpenAI-compatible server.",
+            "live and really cancel, and the routes of vLLM's OpenAI-compatible server "
+            "(Anthropic's Messages too).",
         },
         "paths": paths,
         "components": {"schemas": schemas},
