@@ -40,6 +40,7 @@ OPENAI = (
     "/version",
     "/ping",
     "/load",
+    "/v1/responses",
 )
 ANTHROPIC = ("/v1/messages",)
 ROUTES = [
@@ -71,6 +72,10 @@ ROUTES = [
     ("GET", "/load"),
     ("POST", "/v1/messages"),
     ("POST", "/v1/messages/count_tokens"),
+    ("POST", "/v1/responses"),
+    ("GET", "/v1/responses/{id}"),
+    ("GET", "/v1/responses/{id}/input_items"),
+    ("POST", "/v1/responses/{id}/cancel"),
 ]
 BODY_ROUTES = [path for method, path in ROUTES if method == "POST"]
 # Cancelling by filter stops every job it matches: only these touch nothing.
@@ -150,6 +155,11 @@ _openai_bodies = st.fixed_dictionaries(
         "stop_sequences": st.lists(_ids, max_size=3) | _json,
         "thinking": _json,
         "tool_choice": _json,
+        # OpenAI's Responses
+        "input": st.text(max_size=10) | _json,
+        "max_output_tokens": st.integers() | _json,
+        "previous_response_id": _ids | _json,
+        "store": st.booleans() | _json,
     },
 )  # fmt: skip
 # By name: hypothesis prints a failing example, and some of these are large.

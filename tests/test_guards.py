@@ -102,7 +102,8 @@ def _port(hive) -> int:
 
 
 def _fill(template: str, job_id: str) -> str:
-    return template.replace("{job_id:job}", job_id).replace("{job_id:rest}", "not-a-job")
+    filled = template.replace("{job_id:job}", job_id).replace("{response_id}", job_id)
+    return filled.replace("{job_id:rest}", "not-a-job")
 
 
 def _body(path: str, job_id: str) -> bytes | None:

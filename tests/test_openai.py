@@ -171,3 +171,39 @@ def test_sixty_official_clients_that_go_away_all_abort(api, hive, worker):
         return bool(mine[0]["unfinished_requests"] == 0)
 
     wait_for(idle, timeout=10)
+
+
+def test_a_whole_answer_whose_job_is_cancelled_is_not_to_be_retried(api, hive, worker):
+    """409, and ``x-should-retry: false``: the official clients retry a 409 unless told, and a
+    retry would run again what the cancel stopped."""
+    openai = pytest.importorskip("openai")
+    import httpx
+
+    client = openai.OpenAI(
+        base_url=f"{hive.url}/v1", api_key="none", max_retries=2, http_client=httpx.Client(verify=False, timeout=60)
+    )
+    started = time.time()
+    caught: list[Exception] = []
+
+    def ask() -> None:
+        try:
+            client.completions.create(
+                model=worker["model"], prompt="Once upon a time", max_tokens=1500, extra_body={"ignore_eos": True}
+            )
+        except openai.APIStatusError as exc:
+            caught.append(exc)
+
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(ask)
+
+        def running() -> list[dict] | None:
+            listed = api.get("/v1/jobs", params={"operation": "infer", "state": "running"}).json()["jobs"]
+            return [j for j in listed if j["created_at"] >= started] or None
+
+        (mine,) = wait_for(running, timeout=30)
+        assert api.delete(f"/v1/jobs/{mine['job_id']}").status_code == 200
+        asked.result(timeout=30)
+    assert len(caught) == 1 and caught[0].status_code == 409
+    assert caught[0].response.headers["x-should-retry"] == "false"
+    later = api.get("/v1/jobs", params={"operation": "infer", "limit": 500}).json()["jobs"]
+    assert [j["job_id"] for j in later if j["created_at"] >= started] == [mine["job_id"]]  # no retry

@@ -407,7 +407,7 @@ class EngineWorker:
             f"{self.worker_id} answering a {call.api} request with {self.model}",
             correlation_id=correlation_id,
         )
-        events = self._openai.run(call.api, call.request, job_id)
+        events = self._openai.run(call.api, call.request, job_id, call.previous)
         with _refused_requests():
             async for event in events:
                 if isinstance(event, Token):

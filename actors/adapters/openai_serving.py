@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from actors.adapters import responses
 from actors.core.errors import InternalError, InvalidRequest, ModelNotFound, RbeeError
 from actors.core.events import Event, Result, Token
 from actors.core.operations import OpenAiApi
@@ -94,6 +95,7 @@ class OpenAiServing:
         from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
         from vllm.entrypoints.openai.models.protocol import BaseModelPath
         from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+        from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
         from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
         from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
         from vllm.renderers.online_renderer import OnlineRenderer
@@ -122,6 +124,7 @@ class OpenAiServing:
         messages = AnthropicServingMessages(
             engine, models, "assistant", online_renderer=renderer, **chat
         )
+        self._responses = responses.Responses(engine, models, renderer, chat)
         tokens = ServingTokenization(
             models,
             renderer,
@@ -137,6 +140,7 @@ class OpenAiServing:
             "detokenize": _Api.of(DetokenizeRequest, tokens.create_detokenize),
             "messages": _Api.of(AnthropicMessagesRequest, messages.create_messages),
             "count_tokens": _Api.of(AnthropicCountTokensRequest, messages.count_tokens),
+            "responses": _Api.of(ResponsesRequest, self._responses.create),
         }
 
     async def parse(self, api: Api, body: dict[str, Any], job_id: str) -> Any:
@@ -171,40 +175,68 @@ class OpenAiServing:
         names = [self._apis[api].name for api in _INVOKED]
         raise InvalidRequest(f"Cannot find suitable handler for request. Expected one of: {names}")
 
-    async def run(self, api: Api, body: dict[str, Any], job_id: str) -> AsyncGenerator[Event, None]:
+    async def run(
+        self,
+        api: Api,
+        body: dict[str, Any],
+        job_id: str,
+        previous: dict[str, Any] | None = None,
+    ) -> AsyncGenerator[Event, None]:
         """The request's events: a ``Token`` per streamed token (the frames up to it in
         ``wire``), then a ``Result`` with each choice's text and the usage, and the frames
         after the last token (``tail``); or, for a request that is not streamed, vLLM's
-        whole answer (``answer``)."""
+        whole answer (``answer``). A response (of the Responses API) goes on from
+        ``previous`` (that response and its messages), and its result keeps what it stores
+        (``actors.adapters.responses``)."""
         from vllm.entrypoints.generate.base.protocol import StreamOptions
         from vllm.entrypoints.serve.utils.api_utils import should_include_usage
 
         if api == "invocations":
             api = self._invoked(body)
         request = await self.parse(api, body, job_id)
-        if getattr(request, "stream", False) and api not in ANTHROPIC:
+        if getattr(request, "stream", False) and hasattr(request, "stream_options"):
             # The job's result has the usage, asked for by the client or not.
             asked = request.stream_options
             _, continuous = should_include_usage(asked, False)  # as vLLM reads what was asked
             request.stream_options = StreamOptions(
                 include_usage=True, continuous_usage_stats=continuous
             )
-        answer = await self._apis[api].serve(request, None)
+        lent = self._responses.lend(previous) if api == "responses" else None
+        try:
+            answer = await self._apis[api].serve(request, None)
+        finally:
+            self._responses.give_back(lent)
         if not isinstance(answer, AsyncGenerator):
             _raise_if_cancelled()
-            yield Result(_summary(_response(answer, api), api, self.model))
+            summary = _summary(_response(answer, api), api, self.model)
+            yield Result({**summary, **self._kept(api, body, job_id)})
             return
         try:
-            if api in ANTHROPIC:
+            if api == "responses":
+                summarize = functools.partial(_summary, api=api, model=self.model)
+                events = responses.stream(answer, self.model, summarize)
+            elif api in ANTHROPIC:
                 events = _anthropic_stream(answer, self.model)
             else:
                 usage_asked = bool((body.get("stream_options") or {}).get("include_usage"))
                 events = _openai_stream(answer, api, self.model, usage_asked)
             async with contextlib.aclosing(events):
                 async for event in events:
+                    if isinstance(event, Result):
+                        event = Result({**event.value, **self._kept(api, body, job_id)})
                     yield event
         finally:
             await answer.aclose()
+            if api == "responses":
+                self._responses.take(job_id)
+
+    def _kept(self, api: Api, body: dict[str, Any], job_id: str) -> dict[str, Any]:
+        """What a job's result keeps of a response for the Responses API to read back: its
+        input, whether it is stored, and the messages it goes on from."""
+        if api != "responses":
+            return {}
+        stored = body.get("store") is not False
+        return {"input": body.get("input"), "stored": stored, **self._responses.take(job_id)}
 
 
 async def _openai_stream(
@@ -309,11 +341,18 @@ def _response(answer: Any, api: Api) -> dict[str, Any]:
 
     if isinstance(answer, ErrorResponse):
         raise _error_of(answer.error.model_dump())
+    if api == "responses":  # (as vLLM's server writes it: by the fields' aliases)
+        return dict(answer.model_dump(mode="json", by_alias=True))
     whole: dict[str, Any] = answer.model_dump(mode="json", exclude_none=api in ANTHROPIC)
     return whole
 
 
 def _summary(whole: dict[str, Any], api: Api, model: str) -> dict[str, Any]:
+    if api == "responses":
+        outputs = [
+            {"index": 0, "text": responses.text_of(whole), "finish_reason": whole.get("status")}
+        ]
+        return {**_result(outputs, whole.get("usage"), model), "answer": whole}
     if api in ANTHROPIC:
         blocks = whole.get("content") or []
         said = "".join(b.get("text") or "" for b in blocks if b.get("type") == "text")

@@ -145,10 +145,10 @@ class ChatMessage(BaseModel):
 #: The routes of vLLM's server a worker answers: ``/v1/chat/completions`` (``chat``), its
 #: ``/batch`` (``chat_batch``), ``/v1/completions``, ``/tokenize``, ``/detokenize``,
 #: SageMaker's ``/invocations`` (a chat or a completion, by what its body reads as), and
-#: Anthropic's ``/v1/messages`` and its ``/count_tokens``.
+#: Anthropic's ``/v1/messages`` and its ``/count_tokens``, and OpenAI's ``/v1/responses``.
 OpenAiApi = Literal[
     "chat", "chat_batch", "completions", "tokenize", "detokenize", "invocations",
-    "messages", "count_tokens",
+    "messages", "count_tokens", "responses",
 ]  # fmt: skip
 
 
@@ -159,6 +159,9 @@ class OpenAiCall(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     api: OpenAiApi
     request: dict[str, Any]
+    #: The response a response goes on from (``previous_response_id``), and its messages,
+    #: as its job's result keeps them.
+    previous: dict[str, Any] | None = None
 
 
 #: What an ``infer`` with ``openai`` may give besides it: the request says the rest.

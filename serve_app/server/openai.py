@@ -42,6 +42,7 @@ from serve_app import sse
 from serve_app.server import direct
 from serve_app.server.errors import Shape, actor_gone_error, response_for, stream_error
 from serve_app.server.jobstream import Item, JobStream, correlation_id
+from serve_app.server.responses import StoredResponses
 
 Handler = Callable[[Request], Awaitable[Response]]
 _T = TypeVar("_T")
@@ -59,14 +60,18 @@ WORKER_ROUTES: dict[str, Api] = {
     "/invocations": "invocations",
     "/v1/messages": "messages",
     "/v1/messages/count_tokens": "count_tokens",
+    "/v1/responses": "responses",
 }
+#: The Responses API's routes that read a response back from its job (``responses``).
+_STORED = ("/v1/responses/{response_id}", "/v1/responses/{response_id}/input_items")
+_CANCEL = "/v1/responses/{response_id}/cancel"
 #: The routes of Anthropic's API, answered in its shape (the rest in OpenAI's).
 _ANTHROPIC = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 
 def shapes() -> dict[str, Shape]:
     """The shape each of these routes writes its errors in."""
-    paths = ["/v1/models", "/version", "/ping", "/load", *WORKER_ROUTES]
+    paths = ["/v1/models", "/version", "/ping", "/load", *WORKER_ROUTES, *_STORED, _CANCEL]
     return {path: "anthropic" if path in _ANTHROPIC else "openai" for path in paths}
 
 
@@ -76,6 +81,7 @@ class OpenAi:
     def __init__(self, jobs: JobStream) -> None:
         self._jobs = jobs
         self._routes = direct.Routes(jobs.registry)
+        self._stored = StoredResponses(jobs.registry)
 
     def routes(self) -> list[Route]:
         answered: list[tuple[str, list[str], Handler]] = [
@@ -83,6 +89,9 @@ class OpenAi:
             ("/version", ["GET"], self.version),
             ("/ping", ["GET", "POST"], self.ping),
             ("/load", ["GET"], self.load),
+            (_STORED[0], ["GET"], self._stored.retrieve),
+            (_STORED[1], ["GET"], self._stored.input_items),
+            (_CANCEL, ["POST"], self._stored.cancel),
         ]
         # The rest go to a worker, where vLLM's serving code answers them.
         answered += [
@@ -125,15 +134,31 @@ class OpenAi:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             raise InvalidRequest("model: the id of a model is required", param="model")
+        previous = None
+        if api == "responses":
+            if body.get("background") is True:
+                message = "background: rbee does not run background responses yet"
+                raise InvalidRequest(message, param="background")
+            if isinstance(went_on := body.get("previous_response_id"), str):
+                previous = await self._stored.stored(went_on, "previous_response_id")
         try:
-            return await self._answer(request, api, body, model, shape)
+            return await self._answer(request, api, body, model, shape, previous)
         except ModelNotFound:  # no worker has it and no hive's cache: vLLM's words for that
             raise ModelNotFound(f"The model `{model}` does not exist.", param="model") from None
 
     async def _answer(
-        self, request: Request, api: Api, body: dict[str, Any], model: str, shape: Shape
+        self,
+        request: Request,
+        api: Api,
+        body: dict[str, Any],
+        model: str,
+        shape: Shape,
+        previous: dict[str, Any] | None = None,
     ) -> Response:
-        op = {"operation": "infer", "model": model, "openai": {"api": api, "request": body}}
+        call: dict[str, Any] = {"api": api, "request": body}
+        if previous is not None:
+            call["previous"] = previous
+        op = {"operation": "infer", "model": model, "openai": call}
         route = await self._routes.pick(model)
         if route is not None:
             answered = await self._direct(request, op, route, shape)

@@ -42,6 +42,7 @@ VLLM_BODIES: dict[str, tuple[str, str]] = {
     ),
     "/tokenize": ("vllm.entrypoints.serve.tokenize.protocol", "TokenizeRequest"),
     "/detokenize": ("vllm.entrypoints.serve.tokenize.protocol", "DetokenizeRequest"),
+    "/v1/responses": ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"),
     "/v1/messages": ("vllm.entrypoints.anthropic.protocol", "AnthropicMessagesRequest"),
     "/v1/messages/count_tokens": (
         "vllm.entrypoints.anthropic.protocol", "AnthropicCountTokensRequest"
@@ -49,7 +50,9 @@ VLLM_BODIES: dict[str, tuple[str, str]] = {
 }  # fmt: skip
 #: Routes whose answer is an event stream (SSE), always or with ``"stream": true``.
 STREAMS = frozenset({"/v1/jobs/{job_id}/stream", "/v1/jobs/watch"})
-STREAMABLE = frozenset({"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/messages"})
+STREAMABLE = frozenset(
+    {"/v1/completions", "/v1/chat/completions", "/invocations", "/v1/messages", "/v1/responses"}
+)
 
 _RBEE_ERROR = {
     "type": "object",

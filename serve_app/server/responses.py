@@ -1,0 +1,144 @@
+"""OpenAI's Responses API read back from the job records (SPEC §6): a response is a job (its
+id the job's), and what the Responses API shows of it is what the job's record holds.
+
+``POST /v1/responses`` is one of the worker routes (``serve_app.server.openai``); here are
+the routes that read a response back: ``GET /v1/responses/{id}``, its ``/input_items``,
+and ``POST /v1/responses/{id}/cancel``, a cancel of its job. The records outlive a restart
+of the server, and so do the responses; they are kept and forgotten as jobs are
+(``retain_jobs``). A response made with ``store: false`` is not read back, as on OpenAI's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from actors.core.errors import InvalidRequest, NotFound, RbeeError
+from actors.core.table import JOB_ID
+from actors.registry_client import Registry
+from serve_app.server.jobstream import correlation_id
+
+#: A job's state as a response's status.
+_STATUS = {
+    "queued": "queued",
+    "running": "in_progress",
+    "completed": "completed",
+    "failed": "failed",
+    "cancelled": "cancelled",
+}
+
+
+class StoredResponses:
+    """The routes that read a response from its job's record."""
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    async def stored(self, response_id: str, param: str = "response_id") -> dict[str, Any]:
+        """What a later request needs of a stored response that completed: the response and
+        the messages that led to it (``previous_response_id``)."""
+        record = await self._record(response_id, param)
+        kept = _kept(record)
+        if kept is None or kept.get("response") is None:
+            raise _not_found(response_id, param)
+        return {"response": kept["response"], "messages": kept.get("messages")}
+
+    async def retrieve(self, request: Request) -> Response:
+        """A response as it stands: the whole of it once its job completed; its status (and
+        error) while it runs or after it failed or was cancelled."""
+        response_id = request.path_params["response_id"]
+        return JSONResponse(_as_response(await self._record(response_id)))
+
+    async def input_items(self, request: Request) -> Response:
+        """The input a response was given, as OpenAI lists it."""
+        response_id = request.path_params["response_id"]
+        kept = _kept(await self._record(response_id))
+        if kept is None:
+            raise _not_found(response_id)
+        items = _items(kept.get("input"), response_id)
+        if request.query_params.get("order", "desc") == "desc":
+            items.reverse()
+        data = {
+            "object": "list",
+            "data": items,
+            "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None,
+            "has_more": False,
+        }
+        return JSONResponse(data)
+
+    async def cancel(self, request: Request) -> Response:
+        """The cancel of the response's job, with the guarantees of any cancel; the response
+        as it then stands (``cancelled``). One that had already completed cannot be
+        (vLLM's words)."""
+        response_id = request.path_params["response_id"]
+        record = await self._record(response_id)
+        if record["state"] == "completed":
+            raise InvalidRequest("Cannot cancel a synchronous response.", param="response_id")
+        if record["state"] in ("queued", "running"):
+            cid = correlation_id(request)
+            await self._registry.cancel([response_id], correlation_id=cid, wait=True)
+            record = await self._record(response_id)
+        return JSONResponse(_as_response(record))
+
+    async def _record(self, response_id: str, param: str = "response_id") -> dict[str, Any]:
+        if not JOB_ID.fullmatch(response_id):
+            raise _not_found(response_id, param)
+        try:
+            record = await self._registry.job(response_id)
+        except NotFound:
+            raise _not_found(response_id, param) from None
+        if record.get("operation") != "infer":
+            raise _not_found(response_id, param)
+        result = record.get("result")
+        if isinstance(result, dict) and result.get("stored") is False:
+            raise _not_found(response_id, param)  # ``store: false``: not kept to be read
+        return record
+
+
+def _kept(record: dict[str, Any]) -> dict[str, Any] | None:
+    """What a completed response's job keeps of it (None: not a response, or not over)."""
+    result = record.get("result")
+    if not isinstance(result, dict) or "stored" not in result:
+        return None
+    response = result.get("response") or result.get("answer")
+    return {**result, "response": response}
+
+
+def _as_response(record: dict[str, Any]) -> dict[str, Any]:
+    kept = _kept(record)
+    if kept is not None and kept.get("response") is not None:
+        return dict(kept["response"])
+    if record["state"] == "completed":  # a job of another API
+        raise _not_found(record["job_id"])
+    error = record.get("error")
+    return {
+        "id": record["job_id"],
+        "object": "response",
+        "created_at": int(record["created_at"]),
+        "status": _STATUS.get(record["state"], record["state"]),
+        "output": [],
+        "usage": None,
+        "error": {"code": error.get("code"), "message": error.get("message")} if error else None,
+    }
+
+
+def _items(given: Any, response_id: str) -> list[dict[str, Any]]:
+    """A request's ``input`` as items: a string is one message of the user's."""
+    if isinstance(given, str):
+        given = [{"type": "message", "role": "user", "content": given}]
+    items = []
+    for n, item in enumerate(given if isinstance(given, list) else []):
+        item = dict(item) if isinstance(item, dict) else {"value": item}
+        if isinstance(item.get("content"), str):
+            item["content"] = [{"type": "input_text", "text": item["content"]}]
+        item.setdefault("type", "message")
+        item.setdefault("id", f"msg_{response_id}_{n}")
+        items.append(item)
+    return items
+
+
+def _not_found(response_id: str, param: str = "response_id") -> RbeeError:
+    return NotFound(f"Response with id '{response_id}' not found.", param=param)
