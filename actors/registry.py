@@ -121,8 +121,19 @@ class JobRegistry:
         the registry (asked by many at once, answered once)."""
         return dict(await self._shared("routes", self._backend.routes))
 
-    async def job(self, job_id: str) -> dict[str, Any]:
-        return self._jobs.get(job_id).to_dict()
+    async def job(self, job_id: str, request: bool = False) -> dict[str, Any]:
+        """The job's record; with ``request``, what it was asked too."""
+        record = self._jobs.get(job_id)
+        return {**record.to_dict(), "request": record.request} if request else record.to_dict()
+
+    async def forget(self, job_id: str) -> bool:
+        """Forget a finished job, here and on disk (a deleted response); False if it has not
+        finished."""
+        self._jobs.get(job_id)  # JobNotFound for a job not known
+        if not self._jobs.table.forget(job_id):
+            return False
+        self._store.forget(job_id)
+        return True
 
     async def jobs(
         self, state: str | None = None, operation: str | None = None, limit: int = 100
@@ -140,9 +151,7 @@ class JobRegistry:
         actor whose events a watcher can take live (a lease not yet followed: see
         ``JobTable.wait_events``)."""
         self._jobs.get(job_id)
-        events, state, lease = await self._jobs.table.wait_events(
-            job_id, after, poll_s, live=live
-        )
+        events, state, lease = await self._jobs.table.wait_events(job_id, after, poll_s, live=live)
         return events, state.value, lease
 
     async def board(

@@ -134,7 +134,9 @@ class Registry:
                 return await self._call(make)
             except RayActorError as exc:
                 if asyncio.get_running_loop().time() > deadline:
-                    raise Unavailable(f"the job registry did not come back within {wait_s:g}s") from exc
+                    raise Unavailable(
+                        f"the job registry did not come back within {wait_s:g}s"
+                    ) from exc
                 await asyncio.sleep(RETRY_S)
 
     async def ready(self) -> None:
@@ -147,12 +149,17 @@ class Registry:
         """Start a job; its record."""
         return dict(await self._call(lambda r: r.submit.remote(request, correlation_id)))
 
-    async def job(self, job_id: str) -> dict[str, Any]:
-        return dict(await self._read(lambda r: r.job.remote(job_id)))
+    async def job(self, job_id: str, *, request: bool = False) -> dict[str, Any]:
+        """The job's record; with ``request``, what it was asked too."""
+        return dict(await self._read(lambda r: r.job.remote(job_id, request)))
 
     async def job_now(self, job_id: str) -> dict[str, Any]:
         """The record, without waiting for a registry that is restarting."""
         return dict(await self._call(lambda r: r.job.remote(job_id)))
+
+    async def forget(self, job_id: str) -> bool:
+        """Forget a finished job (False: it has not finished)."""
+        return bool(await self._call(lambda r: r.forget.remote(job_id)))
 
     async def jobs(
         self, *, state: str | None = None, operation: str | None = None, limit: int = 100

@@ -138,3 +138,70 @@ def test_refusals_are_vllms(client, worker, finished_job):
     assert bad.value.status_code == 400
     with pytest.raises(openai.BadRequestError):
         client.responses.create(model=worker["model"], input="x", background=True)
+
+
+def test_a_response_outlives_a_restart_of_the_registry(api, client, worker):
+    """The registry comes back from its store on disk (as a whole server does on the same
+    state dir): a response is read back as it was, and a conversation goes on from it."""
+    import ray
+
+    from actors.naming import NAMESPACE, REGISTRY
+
+    first = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=8)
+    gone = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=2)
+    assert client.responses.delete(gone.id) is None  # (the client reads no body)
+    before = client.responses.retrieve(first.id).model_dump()
+    items = [i.model_dump() for i in client.responses.input_items.list(first.id)]
+    ray.kill(ray.get_actor(REGISTRY, namespace=NAMESPACE), no_restart=False)
+
+    def back() -> bool:
+        try:
+            return api.get(f"/v1/responses/{first.id}").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(back, timeout=60, interval=0.5)
+    assert client.responses.retrieve(first.id).model_dump() == before
+    with pytest.raises(openai.NotFoundError):  # a deleted response stays deleted
+        client.responses.retrieve(gone.id)
+    assert api.get(f"/v1/jobs/{gone.id}").status_code == 404
+    assert [i.model_dump() for i in client.responses.input_items.list(first.id)] == items
+    then = client.responses.create(
+        model=worker["model"], input="And then?", max_output_tokens=4, previous_response_id=first.id
+    )
+    assert then.status in ("completed", "incomplete") and then.usage.input_tokens > first.usage.input_tokens
+
+
+def test_a_deleted_response_is_forgotten_with_its_job(api, client, worker):
+    response = client.responses.create(model=worker["model"], input="hi", max_output_tokens=2)
+    deleted = api.delete(f"/v1/responses/{response.id}")
+    assert deleted.status_code == 200 and deleted.json() == {"id": response.id, "object": "response", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)
+    assert api.get(f"/v1/jobs/{response.id}").status_code == 404
+    assert response.id not in [j["job_id"] for j in api.get("/v1/jobs", params={"limit": 500}).json()["jobs"]]
+    assert api.delete(f"/v1/responses/{response.id}").status_code == 404
+
+    # One still running is cancelled, then forgotten.
+    stream = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=1500, stream=True)
+    running = stream.response.headers["x-job-id"]
+    next(iter(stream))
+    assert api.delete(f"/v1/responses/{running}").json()["deleted"] is True
+    stream.close()
+    assert api.get(f"/v1/jobs/{running}").status_code == 404
+    wait_for(lambda: _idle(api, worker), timeout=10)
+
+
+def test_the_responses_routes_touch_no_job_of_another_api(api, worker):
+    """A chat's job is no response: it is not read, cancelled or deleted through them."""
+    chat = {"model": worker["model"], "messages": [{"role": "user", "content": STORY}], "max_tokens": 1500, "stream": True}
+    with api.stream("POST", "/v1/chat/completions", json=chat) as response:
+        job_id = response.headers["x-job-id"]
+        lines = response.iter_lines()
+        next(line for line in lines if line.startswith("data: "))
+        assert api.get(f"/v1/responses/{job_id}").status_code == 404
+        assert api.post(f"/v1/responses/{job_id}/cancel").status_code == 404
+        assert api.delete(f"/v1/responses/{job_id}").status_code == 404
+        assert api.get(f"/v1/responses/{job_id}/input_items").status_code == 404
+        assert job(api, job_id)["state"] == "running"
+    wait_state(api, job_id, "cancelled")

@@ -165,3 +165,35 @@ async def test_settle_ends_the_unfinished_jobs_of_a_registry_that_went_away(tmp_
     saved, events = back[running.job_id]
     assert saved["state"] == "cancelled" and saved["error"]["code"] == "CANCELLED"
     assert saved["finished_at"] is not None and events[-1].event.kind == "error"
+
+
+async def test_a_forgotten_job_stays_forgotten_across_loads_and_compactions(tmp_path, caplog):
+    store, table = JobStore(tmp_path, keep=2), JobTable()
+    kept, gone = await _finished(table, store), await _finished(table, store)
+    assert table.forget(gone.job_id) and table.get(gone.job_id) is None
+    store.forget(gone.job_id)
+    assert json.loads(_lines(tmp_path)[-1]) == {"forget": gone.job_id}
+
+    loaded = [saved["job_id"] for saved, _ in JobStore(tmp_path, keep=2).load()]
+    assert loaded == [kept.job_id] and "not a job line" not in caplog.text
+    # The load rewrote the journal: the forgotten job's lines are gone with the one that
+    # forgot it, and jobs saved after it compact as any.
+    assert all(gone.job_id not in line for line in _lines(tmp_path))
+    store = JobStore(tmp_path, keep=2)
+    store.load()
+    more = [await _finished(table, store) for _ in range(4)]
+    store.forget(more[-1].job_id)
+    store.forget(more[-1].job_id)  # (twice: one line)
+    store.close()  # (its lock: one registry at a time)
+    back = [saved["job_id"] for saved, _ in JobStore(tmp_path, keep=2).load()]
+    assert more[-1].job_id not in back and back == [m.job_id for m in more[1:3]]
+
+
+async def test_a_job_is_forgotten_only_once_it_has_finished():
+    table = JobTable()
+    record = table.create("model_download", {}, "cid")
+    assert not table.forget(record.job_id) and table.get(record.job_id) is not None
+    assert not table.forget("job-none")
+    await table.transition(record.job_id, JobState.CANCELLED)
+    assert table.forget(record.job_id)
+    assert record.job_id in table.changes(0, 100).forgotten

@@ -1,7 +1,7 @@
 """The registry's memory on disk (``state_dir``): a restarted registry still knows its jobs.
 
-One JSON line per job change that matters (submitted, finished), appended to ``jobs.jsonl``.
-On load the last line of each job wins; a job that was not finished when the registry went
+One JSON line per job change that matters (submitted, finished), appended to ``jobs.jsonl``,
+and one ``{"forget": id}`` line for a job deleted. On load the last line of each job wins; a job that was not finished when the registry went
 away is reported as failed with ``WORKER_DIED``, since nothing is running it any more.
 
 The journal stays bounded: when it holds more than twice ``keep`` lines it is rewritten with
@@ -95,6 +95,20 @@ class JobStore:
             log.info("the job journal %s is writable again", self._path)
             self._failing = False
 
+    def forget(self, job_id: str) -> None:
+        """Forget a job: a line that says so (the next compaction drops both)."""
+        if self._path is None or job_id not in self._index:
+            return
+        data = (json.dumps({"forget": job_id}) + "\n").encode()
+        try:
+            with self._path.open("ab") as f:
+                f.write(data)
+        except OSError as exc:
+            log.warning("cannot write the job journal %s: %s", self._path, exc)
+            return
+        del self._index[job_id]
+        self._lines += 1
+
     def load(self) -> list[Saved]:
         """Every remembered job, oldest first; rewrites the file compacted.
 
@@ -114,6 +128,9 @@ class JobStore:
             return []
         latest: OrderedDict[str, Saved] = OrderedDict()
         for number, line in enumerate(raw.splitlines(), 1):
+            if (forgotten := _forgotten(line)) is not None:
+                latest.pop(forgotten, None)
+                continue
             saved = _parse(line)
             if saved is None:
                 if line.strip():
@@ -261,6 +278,17 @@ def _parse(line: bytes) -> Saved | None:
     except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError too
         return None
     return record, events
+
+
+def _forgotten(line: bytes) -> str | None:
+    """The job a ``{"forget": id}`` line forgets, or None for any other line."""
+    if not line.startswith(b'{"forget"'):
+        return None
+    try:
+        job_id = json.loads(line)["forget"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return job_id if isinstance(job_id, str) else None
 
 
 def _newest(latest: OrderedDict[str, Saved], keep: int) -> list[Saved]:

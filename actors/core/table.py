@@ -217,7 +217,9 @@ class JobTable:
         # after the last number it saw and gets each changed job once.
         self.epoch = uuid.uuid4().hex[:12]
         self._seq = 0
-        self._changed: OrderedDict[str, int] = OrderedDict()  #: job -> its last change, oldest first
+        self._changed: OrderedDict[str, int] = (
+            OrderedDict()
+        )  #: job -> its last change, oldest first
         self._forgotten: deque[tuple[int, str]] = deque(maxlen=_FORGOTTEN_KEPT)
         self._tick = asyncio.Event()
 
@@ -375,6 +377,18 @@ class JobTable:
             entry.tokens = event.index
         else:
             return False
+        return True
+
+    def forget(self, job_id: str) -> bool:
+        """Drop a finished job, as retention drops the oldest (its record, its events, its
+        line of the board); False if it is not finished."""
+        entry = self._jobs.get(job_id)
+        if entry is None or not entry.record.state.terminal:
+            return False
+        del self._jobs[job_id]
+        self._changed.pop(job_id, None)
+        self._seq += 1
+        self._forgotten.append((self._seq, job_id))
         return True
 
     def cancel_requested(self, job_id: str) -> None:

@@ -90,6 +90,7 @@ class OpenAi:
             ("/ping", ["GET", "POST"], self.ping),
             ("/load", ["GET"], self.load),
             (_STORED[0], ["GET"], self._stored.retrieve),
+            (_STORED[0], ["DELETE"], self._stored.delete),
             (_STORED[1], ["GET"], self._stored.input_items),
             (_CANCEL, ["POST"], self._stored.cancel),
         ]

@@ -3,9 +3,10 @@ id the job's), and what the Responses API shows of it is what the job's record h
 
 ``POST /v1/responses`` is one of the worker routes (``serve_app.server.openai``); here are
 the routes that read a response back: ``GET /v1/responses/{id}``, its ``/input_items``,
-and ``POST /v1/responses/{id}/cancel``, a cancel of its job. The records outlive a restart
-of the server, and so do the responses; they are kept and forgotten as jobs are
-(``retain_jobs``). A response made with ``store: false`` is not read back, as on OpenAI's.
+``POST /v1/responses/{id}/cancel``, a cancel of its job, and ``DELETE`` (the job is
+forgotten, here and on disk). The records outlive a restart of the server, and so do the
+responses; they are kept and forgotten as jobs are (``retain_jobs``). A response made with
+``store: false`` is not read back, as on OpenAI's; a job of another API is no response.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ class StoredResponses:
         }
         return JSONResponse(data)
 
+    async def delete(self, request: Request) -> Response:
+        """Forget a response (its job: record, events, line on disk); one still running is
+        cancelled first."""
+        response_id = request.path_params["response_id"]
+        record = await self._record(response_id)
+        if record["state"] in ("queued", "running"):
+            cid = correlation_id(request)
+            await self._registry.cancel([response_id], correlation_id=cid, wait=True)
+        if not await self._registry.forget(response_id):
+            raise InvalidRequest(f"response {response_id} has not ended", param="response_id")
+        return JSONResponse({"id": response_id, "object": "response", "deleted": True})
+
     async def cancel(self, request: Request) -> Response:
         """The cancel of the response's job, with the guarantees of any cancel; the response
         as it then stands (``cancelled``). One that had already completed cannot be
@@ -87,11 +100,13 @@ class StoredResponses:
         if not JOB_ID.fullmatch(response_id):
             raise _not_found(response_id, param)
         try:
-            record = await self._registry.job(response_id)
+            record = await self._registry.job(response_id, request=True)
         except NotFound:
             raise _not_found(response_id, param) from None
-        if record.get("operation") != "infer":
-            raise _not_found(response_id, param)
+        call = (record.pop("request", None) or {}).get("openai") or {}
+        if record.get("operation") != "infer" or call.get("api") != "responses":
+            raise _not_found(response_id, param)  # a job, but of another API
+        record["model"] = call.get("request", {}).get("model")
         result = record.get("result")
         if isinstance(result, dict) and result.get("stored") is False:
             raise _not_found(response_id, param)  # ``store: false``: not kept to be read
@@ -111,13 +126,14 @@ def _as_response(record: dict[str, Any]) -> dict[str, Any]:
     kept = _kept(record)
     if kept is not None and kept.get("response") is not None:
         return dict(kept["response"])
-    if record["state"] == "completed":  # a job of another API
+    if record["state"] == "completed":  # (a record from before responses were kept)
         raise _not_found(record["job_id"])
     error = record.get("error")
     return {
         "id": record["job_id"],
         "object": "response",
         "created_at": int(record["created_at"]),
+        "model": record.get("model"),
         "status": _STATUS.get(record["state"], record["state"]),
         "output": [],
         "usage": None,
