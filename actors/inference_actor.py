@@ -12,6 +12,7 @@ from typing import Any
 import ray
 from ray.util import metrics
 
+from actors.adapters import prometheus
 from actors.adapters.answers import answer
 from actors.adapters.engine import EngineWorker
 from actors.core import logs, pipe
@@ -112,6 +113,10 @@ class InferenceActor:
 
     async def stats(self) -> dict[str, Any]:
         return self.describe()
+
+    async def metrics(self) -> str:
+        """The engine's ``vllm:*`` series, as Prometheus text labelled with this worker."""
+        return prometheus.engine_series(self._worker.worker_id, self._worker.model)
 
     async def shutdown(self) -> None:
         """Stop the engine and its processes (frees memory and ``/dev/shm``)."""

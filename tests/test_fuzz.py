@@ -41,6 +41,7 @@ OPENAI = (
     "/ping",
     "/load",
     "/v1/responses",
+    "/metrics",
 )
 ANTHROPIC = ("/v1/messages",)
 ROUTES = [
@@ -70,6 +71,7 @@ ROUTES = [
     ("GET", "/ping"),
     ("POST", "/ping"),
     ("GET", "/load"),
+    ("GET", "/metrics"),
     ("POST", "/v1/messages"),
     ("POST", "/v1/messages/count_tokens"),
     ("POST", "/v1/responses"),

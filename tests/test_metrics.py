@@ -124,3 +124,33 @@ def test_tokens_and_workers_are_counted(api, worker, metrics_port):
     assert api.post("/v1/completions", json=request).json()["usage"]["completion_tokens"] == 10
     wait_for(moved(metrics_port, "ray_rbee_tokens_total", 34, before, model=model), 30)
     wait_for(lambda: total(scrape(metrics_port), "ray_rbee_workers", state="ready") >= 1, 30)
+
+
+@pytest.mark.skipif(NO_INFERENCE, reason="needs vLLM")
+def test_the_serving_port_has_rbees_series_and_each_engines(api, worker, metrics_port):
+    """``GET /metrics`` on the serving port, as on vLLM's server: every engine's ``vllm:*``
+    series, labelled by model and worker, and rbee's series as Ray exports them; a family
+    once however many processes have its series."""
+
+    def served() -> dict[str, list]:
+        response = api.get("/metrics")
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+        families = list(text_string_to_metric_families(response.text))
+        names = [f.name for f in families]
+        assert len(names) == len(set(names)), "a family written twice"
+        assert all(n.startswith(("vllm:", "ray_rbee_")) for n in names), names
+        return {f.name: f.samples for f in families}
+
+    chat = {"model": worker["model"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert api.post("/v1/chat/completions", json=chat).status_code == 200
+
+    def both() -> dict[str, list] | None:
+        families = served()
+        return families if "ray_rbee_jobs" in families and "vllm:generation_tokens" in families else None
+
+    families = wait_for(both, timeout=30, interval=1)
+    made = [s for s in families["vllm:generation_tokens"] if s.name.endswith("_total")]
+    mine = [s for s in made if s.labels.get("worker_id") == worker["worker_id"]]
+    assert mine and mine[0].labels["model_name"] == worker["model"] and mine[0].value >= 1, made
+    assert "vllm:num_requests_running" in families
+    assert any(s.value >= 1 for s in families["ray_rbee_jobs"] if s.labels.get("operation") == "infer")

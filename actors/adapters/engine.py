@@ -223,6 +223,7 @@ async def vllm_engine(model_path: Path, config: EngineConfig) -> Any:
     """Start a vLLM ``AsyncLLM`` on ``model_path`` (in a thread: it takes tens of seconds)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
 
     set_cpu_engine_mode()
     # Unset: -1, vLLM's auto-fit: the model's own context if its KV cache fits in the memory
@@ -234,10 +235,12 @@ async def vllm_engine(model_path: Path, config: EngineConfig) -> Any:
         max_model_len=config.max_model_len if config.max_model_len is not None else -1,
         max_num_seqs=config.max_num_seqs,
         gpu_memory_utilization=config.gpu_memory_utilization,
-        disable_log_stats=True,
+        disable_log_stats=True,  # no stats in the log: only vLLM's Prometheus series
     )
     with _engine_process_reason():
-        return await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        return await asyncio.to_thread(
+            AsyncLLM.from_engine_args, args, stat_loggers=[PrometheusStatLogger]
+        )
 
 
 class EngineWorker:

@@ -24,12 +24,15 @@ from collections.abc import (
 from importlib import metadata
 from typing import Any, TypeVar
 
+import httpx
+import ray
 from ray.exceptions import RayActorError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from actors.adapters import prometheus
 from actors.core import pipe
 from actors.core.errors import InvalidRequest, ModelNotFound, RbeeError, WorkerDied, error_from
 from actors.core.events import Error, Result, StreamEvent, Token
@@ -37,6 +40,7 @@ from actors.core.jobs import Adoption, Ending
 from actors.core.operations import OpenAiApi, parse_operation
 from actors.core.running import Ended
 from actors.core.table import new_job_id
+from actors.naming import NAMESPACE
 from actors.registry_client import Registry
 from serve_app import sse
 from serve_app.server import direct
@@ -71,7 +75,16 @@ _ANTHROPIC = frozenset({"/v1/messages", "/v1/messages/count_tokens"})
 
 def shapes() -> dict[str, Shape]:
     """The shape each of these routes writes its errors in."""
-    paths = ["/v1/models", "/version", "/ping", "/load", *WORKER_ROUTES, *_STORED, _CANCEL]
+    paths = [
+        "/v1/models",
+        "/version",
+        "/ping",
+        "/load",
+        "/metrics",
+        *WORKER_ROUTES,
+        *_STORED,
+        _CANCEL,
+    ]
     return {path: "anthropic" if path in _ANTHROPIC else "openai" for path in paths}
 
 
@@ -89,6 +102,7 @@ class OpenAi:
             ("/version", ["GET"], self.version),
             ("/ping", ["GET", "POST"], self.ping),
             ("/load", ["GET"], self.load),
+            ("/metrics", ["GET"], self.metrics),
             (_STORED[0], ["GET"], self._stored.retrieve),
             (_STORED[0], ["DELETE"], self._stored.delete),
             (_STORED[1], ["GET"], self._stored.input_items),
@@ -127,6 +141,14 @@ class OpenAi:
     async def load(self, request: Request) -> Response:
         """vLLM's ``server_load``: the requests this ingress has at its workers."""
         return JSONResponse({"server_load": self._routes.load()})
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus text: rbee's series (as Ray exports them, from every node) and each
+        engine's ``vllm:*`` series, labelled by model and worker."""
+        names = [name for names in (await self._jobs.registry.routes()).values() for name in names]
+        texts = await asyncio.gather(_ray_series(), *(_engine_series(name) for name in names))
+        text = prometheus.merged(texts, keep=("ray_rbee_", "vllm:"))
+        return Response(text, media_type=prometheus.CONTENT_TYPE)
 
     async def _run(self, request: Request, api: Api, shape: Shape) -> Response:
         body = await self._jobs.read_json(request)
@@ -420,6 +442,38 @@ class _AnswerResponse(StreamingResponse):
             aclose = getattr(self._body, "aclose", None)
             if aclose is not None:
                 await asyncio.shield(aclose())
+
+
+_METRICS_WAIT_S = 5.0
+
+
+async def _engine_series(name: str) -> str:
+    """A worker's engine series ("" if it does not answer in time: it may be going)."""
+    try:
+        actor = await asyncio.to_thread(ray.get_actor, name, namespace=NAMESPACE)
+        return str(await asyncio.wait_for(actor.metrics.remote(), _METRICS_WAIT_S))
+    except (TimeoutError, Exception) as exc:
+        log.info("metrics: worker %s gave none: %r", name, exc)
+        return ""
+
+
+async def _ray_series() -> str:
+    """What Ray's metrics agent of every live node exports (rbee's series among them)."""
+    nodes = await asyncio.to_thread(ray.nodes)
+    urls = [
+        f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+        for n in nodes
+        if n.get("Alive") and n.get("MetricsExportPort")
+    ]
+    async with httpx.AsyncClient(timeout=_METRICS_WAIT_S, verify=False) as client:
+        answers = await asyncio.gather(*(client.get(url) for url in urls), return_exceptions=True)
+    texts = []
+    for url, answer in zip(urls, answers, strict=True):
+        if isinstance(answer, httpx.Response) and answer.status_code == 200:
+            texts.append(answer.text)
+        else:
+            log.info("metrics: %s gave none: %r", url, answer)
+    return "\n".join(texts)
 
 
 async def _disconnected(receive: Receive) -> None:

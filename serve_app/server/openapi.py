@@ -171,6 +171,8 @@ def _answers(path: str) -> dict[str, Any]:
     json = {"application/json": {"schema": {"type": "object"}}}
     if path in STREAMABLE:
         return {**json, "text/event-stream": {"schema": {"type": "string"}}}
+    if path == "/metrics":
+        return {"text/plain": {"schema": {"type": "string", "description": "Prometheus text"}}}
     if path in ("/", "/sw.js"):
         return {"text/html" if path == "/" else "text/javascript": {"schema": {"type": "string"}}}
     return json
