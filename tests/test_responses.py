@@ -137,7 +137,9 @@ def test_refusals_are_vllms(client, worker, finished_job):
         client.responses.create(model=worker["model"], input="x", max_output_tokens="many")  # type: ignore[arg-type]
     assert bad.value.status_code == 400
     with pytest.raises(openai.BadRequestError):
-        client.responses.create(model=worker["model"], input="x", background=True)
+        client.responses.create(model=worker["model"], input="x", background=True, store=False)
+    with pytest.raises(openai.BadRequestError):  # not a background one: its events are not kept
+        client.responses.retrieve(done.id, stream=True)
 
 
 def test_a_response_outlives_a_restart_of_the_registry(api, client, worker):
@@ -148,6 +150,9 @@ def test_a_response_outlives_a_restart_of_the_registry(api, client, worker):
     from actors.naming import NAMESPACE, REGISTRY
 
     first = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=8)
+    behind = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=12, background=True)
+    wait_for(lambda: client.responses.retrieve(behind.id).status in ("completed", "incomplete"), timeout=30)
+    replayed = [e.model_dump() for e in client.responses.retrieve(behind.id, stream=True)]
     gone = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=2)
     assert client.responses.delete(gone.id) is None  # (the client reads no body)
     before = client.responses.retrieve(first.id).model_dump()
@@ -162,6 +167,8 @@ def test_a_response_outlives_a_restart_of_the_registry(api, client, worker):
 
     wait_for(back, timeout=60, interval=0.5)
     assert client.responses.retrieve(first.id).model_dump() == before
+    # A background response's stream replays with the same events and sequence numbers.
+    assert [e.model_dump() for e in client.responses.retrieve(behind.id, stream=True)] == replayed
     with pytest.raises(openai.NotFoundError):  # a deleted response stays deleted
         client.responses.retrieve(gone.id)
     assert api.get(f"/v1/jobs/{gone.id}").status_code == 404
@@ -205,3 +212,54 @@ def test_the_responses_routes_touch_no_job_of_another_api(api, worker):
         assert api.get(f"/v1/responses/{job_id}/input_items").status_code == 404
         assert job(api, job_id)["state"] == "running"
     wait_state(api, job_id, "cancelled")
+
+
+def test_a_background_response_runs_on_its_own_and_its_stream_replays(api, client, worker):
+    queued = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=40, background=True)
+    assert queued.status in ("queued", "in_progress") and queued.background is True
+    wait_for(lambda: client.responses.retrieve(queued.id).status in ("completed", "incomplete"), timeout=60)
+    done = client.responses.retrieve(queued.id)
+    assert done.background is True and done.output_text and done.usage.output_tokens >= 1
+
+    events = list(client.responses.retrieve(queued.id, stream=True))
+    numbers = [e.sequence_number for e in events]
+    assert numbers == list(range(len(numbers))) and len(numbers) > 10
+    assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == done.output_text == events[-1].response.output_text
+
+    after = list(client.responses.retrieve(queued.id, stream=True, starting_after=5))
+    assert [e.model_dump() for e in after] == [e.model_dump() for e in events[6:]]
+    assert list(client.responses.retrieve(queued.id, stream=True, starting_after=numbers[-1])) == []
+    bad = api.get(f"/v1/responses/{queued.id}", params={"stream": "true", "starting_after": "x"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "starting_after"
+
+
+def test_a_background_stream_left_midway_runs_on_and_a_cancel_stops_it(api, client, worker):
+    stream = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=30, background=True, stream=True)
+    for n, _event in enumerate(stream, start=1):
+        if n >= 4:
+            break
+    stream.close()
+    left = stream.response.headers["x-job-id"]
+    assert wait_state(api, left, "completed", timeout=60)["state"] == "completed"  # it ran on
+
+    long = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=1500, background=True)
+    seen: list[str] = []
+    ended = threading.Event()
+
+    def follow() -> None:
+        try:
+            for event in client.responses.retrieve(long.id, stream=True):
+                seen.append(event.type)
+        except openai.APIError:
+            seen.append("error")
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    wait_for(lambda: "response.output_text.delta" in seen, timeout=30)
+    assert client.responses.cancel(long.id).status == "cancelled"
+    assert ended.wait(10), "the followed stream did not end after the cancel"
+    assert seen[-1] == "error" and "response.completed" not in seen
+    assert job(api, long.id)["state"] == "cancelled"
+    wait_for(lambda: _idle(api, worker), timeout=10)

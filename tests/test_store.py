@@ -197,3 +197,19 @@ async def test_a_job_is_forgotten_only_once_it_has_finished():
     await table.transition(record.job_id, JobState.CANCELLED)
     assert table.forget(record.job_id)
     assert record.job_id in table.changes(0, 100).forgotten
+
+
+async def test_a_tokens_frames_come_back_with_it(tmp_path):
+    """A background response's stream is replayed from its tokens' frames after a restart."""
+    from actors.core.events import Token
+
+    store, table = JobStore(tmp_path), JobTable()
+    record = table.create("infer", {}, "cid")
+    store.save(record, [])
+    await table.transition(record.job_id, JobState.RUNNING)
+    await table.emit(record.job_id, Token("a", 1, wire="event: x\\ndata: {}\\n\\n"))
+    await table.emit(record.job_id, Token("b", 2))
+    await table.transition(record.job_id, JobState.COMPLETED)
+    store.save(record, table.events(record.job_id))
+    (_, events), = JobStore(tmp_path).load()
+    assert [(e.event.text, e.event.wire) for e in events] == [("a", "event: x\\ndata: {}\\n\\n"), ("b", None)]

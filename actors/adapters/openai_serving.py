@@ -201,6 +201,9 @@ class OpenAiServing:
             request.stream_options = StreamOptions(
                 include_usage=True, continuous_usage_stats=continuous
             )
+        background = api == "responses" and bool(request.background)
+        if background:  # rbee's job runs it: vLLM streams it, for its events to be replayed
+            request.background, request.stream = False, True
         lent = self._responses.lend(previous) if api == "responses" else None
         try:
             answer = await self._apis[api].serve(request, None)
@@ -224,6 +227,8 @@ class OpenAiServing:
                 async for event in events:
                     if isinstance(event, Result):
                         event = Result({**event.value, **self._kept(api, body, job_id)})
+                        if background and isinstance(event.value.get("response"), dict):
+                            event.value["response"]["background"] = True
                     yield event
         finally:
             await answer.aclose()

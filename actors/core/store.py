@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from actors.core.errors import RbeeError, WorkerDied
-from actors.core.events import Error, StreamEvent, event_from, payload
+from actors.core.events import Error, StreamEvent, Token, event_from, payload
 from actors.core.table import JobRecord, JobState
 
 log = logging.getLogger("rbee.store")
@@ -269,10 +269,12 @@ def _parse(line: bytes) -> Saved | None:
         for key in _OPTIONAL:
             record.setdefault(key, None)
         events = []
-        for seq, kind, data in raw_events:
+        for seq, kind, data, *wire in raw_events:
             if not isinstance(seq, int) or not isinstance(kind, str) or not isinstance(data, dict):
                 return None
             event = event_from(kind, data)
+            if isinstance(event, Token) and wire and isinstance(wire[0], str):
+                event = Token(event.text, event.index, event.choice, wire[0])
             if event is not None:
                 events.append(StreamEvent(seq, event))
     except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError too
@@ -313,4 +315,9 @@ def _dumps(record: dict[str, Any], events: list[StreamEvent]) -> str:
 
 
 def _line(logged: StreamEvent) -> list[Any]:
-    return [logged.id, logged.event.kind, payload(logged.event)]
+    """An event as the journal keeps it; a token with its answer's frames keeps them too (a
+    background response's stream is replayed from them after a restart)."""
+    line = [logged.id, logged.event.kind, payload(logged.event)]
+    if isinstance(logged.event, Token) and logged.event.wire is not None:
+        line.append(logged.event.wire)
+    return line

@@ -94,7 +94,7 @@ class OpenAi:
     def __init__(self, jobs: JobStream) -> None:
         self._jobs = jobs
         self._routes = direct.Routes(jobs.registry)
-        self._stored = StoredResponses(jobs.registry)
+        self._stored = StoredResponses(jobs)
 
     def routes(self) -> list[Route]:
         answered: list[tuple[str, list[str], Handler]] = [
@@ -159,11 +159,10 @@ class OpenAi:
             raise InvalidRequest("model: the id of a model is required", param="model")
         previous = None
         if api == "responses":
-            if body.get("background") is True:
-                message = "background: rbee does not run background responses yet"
-                raise InvalidRequest(message, param="background")
             if isinstance(went_on := body.get("previous_response_id"), str):
                 previous = await self._stored.stored(went_on, "previous_response_id")
+            if body.get("background") is True:
+                return await self._background(request, body, model, previous)
         try:
             return await self._answer(request, api, body, model, shape, previous)
         except ModelNotFound:  # no worker has it and no hive's cache: vLLM's words for that
@@ -204,6 +203,28 @@ class OpenAi:
         if result is None:
             return Response(status_code=499)
         return JSONResponse(result["answer"], headers=headers)
+
+    async def _background(
+        self,
+        request: Request,
+        body: dict[str, Any],
+        model: str,
+        previous: dict[str, Any] | None,
+    ) -> Response:
+        """A background response: its job submitted and answered at once (queued), or, with
+        ``stream``, its events as they come; a client that goes away leaves it running
+        (``POST /v1/responses/{id}/cancel`` stops it)."""
+        if body.get("store") is False:  # (as vLLM and OpenAI refuse it)
+            message = "background: a background response is stored: not with store false"
+            raise InvalidRequest(message, param="background")
+        call: dict[str, Any] = {"api": "responses", "request": body}
+        if previous is not None:
+            call["previous"] = previous
+        op = {"operation": "infer", "model": model, "openai": call}
+        job_id = request.state.job_id = await self._submit(request, op)
+        if body.get("stream") is True:
+            return self._stored.events(job_id)
+        return JSONResponse(self._stored.queued(job_id, body), headers={"X-Job-Id": job_id})
 
     async def _direct(
         self, request: Request, op: dict[str, Any], route: direct.Route, shape: Shape

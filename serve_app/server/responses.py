@@ -2,7 +2,9 @@
 id the job's), and what the Responses API shows of it is what the job's record holds.
 
 ``POST /v1/responses`` is one of the worker routes (``serve_app.server.openai``); here are
-the routes that read a response back: ``GET /v1/responses/{id}``, its ``/input_items``,
+the routes that read a response back: ``GET /v1/responses/{id}`` (with ``stream=true``, a
+background response's events after ``starting_after``, then live to its end), its
+``/input_items``,
 ``POST /v1/responses/{id}/cancel``, a cancel of its job, and ``DELETE`` (the job is
 forgotten, here and on disk). The records outlive a restart of the server, and so do the
 responses; they are kept and forgotten as jobs are (``retain_jobs``). A response made with
@@ -11,15 +13,20 @@ responses; they are kept and forgotten as jobs are (``retain_jobs``). A response
 
 from __future__ import annotations
 
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from actors.core.errors import InvalidRequest, NotFound, RbeeError
+from actors.core.errors import InvalidRequest, NotFound, RbeeError, error_from
+from actors.core.events import Error, Result, StreamEvent, Token
 from actors.core.table import JOB_ID
-from actors.registry_client import Registry
-from serve_app.server.jobstream import correlation_id
+from serve_app import sse
+from serve_app.server.jobstream import IDLE, JobStream, correlation_id
 
 #: A job's state as a response's status.
 _STATUS = {
@@ -34,8 +41,56 @@ _STATUS = {
 class StoredResponses:
     """The routes that read a response from its job's record."""
 
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
+    def __init__(self, jobs: JobStream) -> None:
+        self._jobs = jobs
+        self._registry = jobs.registry
+
+    def queued(self, job_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A background response as it is answered at once: queued, its job submitted."""
+        return {
+            "id": job_id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": body.get("model"),
+            "status": "queued",
+            "background": True,
+            "output": [],
+            "usage": None,
+            "error": None,
+        }
+
+    def events(self, job_id: str, after: int = -1) -> StreamingResponse:
+        """A background response's events whose sequence number is after ``after``, then
+        live to its end (a client that goes away leaves it running)."""
+        return StreamingResponse(
+            self._replay(job_id, after),
+            media_type="text/event-stream",
+            headers={"X-Job-Id": job_id, "Cache-Control": "no-cache"},
+        )
+
+    async def _replay(self, job_id: str, after: int) -> AsyncIterator[str]:
+        last = after
+        async with contextlib.aclosing(self._jobs.follow(job_id)) as events:
+            async for batch in events:
+                out: list[str] = []
+                for item in batch:
+                    if item is IDLE:
+                        out.append(sse.KEEPALIVE)
+                    event = item.event if isinstance(item, StreamEvent) else None
+                    if isinstance(event, Token) and event.wire is not None:
+                        text = event.wire
+                    elif isinstance(event, Result):
+                        text = str(event.value.get("tail") or "")
+                    elif isinstance(event, Error):
+                        text = _error_frame(event, last + 1)
+                    else:
+                        continue
+                    for number, frame in _frames(text):
+                        if number is None or number > last:
+                            out.append(frame)
+                            last = number if number is not None else last
+                if out:
+                    yield "".join(out)
 
     async def stored(self, response_id: str, param: str = "response_id") -> dict[str, Any]:
         """What a later request needs of a stored response that completed: the response and
@@ -50,7 +105,20 @@ class StoredResponses:
         """A response as it stands: the whole of it once its job completed; its status (and
         error) while it runs or after it failed or was cancelled."""
         response_id = request.path_params["response_id"]
-        return JSONResponse(_as_response(await self._record(response_id)))
+        record = await self._record(response_id)
+        if request.query_params.get("stream", "false").lower() != "true":
+            return JSONResponse(_as_response(record))
+        if not record.get("background"):
+            message = "only a background response's events are kept to be streamed again"
+            raise InvalidRequest(message, param="stream")
+        after = request.query_params.get("starting_after", "-1")
+        try:
+            starting_after = int(after)
+        except ValueError:
+            raise InvalidRequest(
+                f"starting_after: not an integer: {after!r}", param="starting_after"
+            ) from None
+        return self.events(response_id, starting_after)
 
     async def input_items(self, request: Request) -> Response:
         """The input a response was given, as OpenAI lists it."""
@@ -107,6 +175,7 @@ class StoredResponses:
         if record.get("operation") != "infer" or call.get("api") != "responses":
             raise _not_found(response_id, param)  # a job, but of another API
         record["model"] = call.get("request", {}).get("model")
+        record["background"] = call.get("request", {}).get("background") is True
         result = record.get("result")
         if isinstance(result, dict) and result.get("stored") is False:
             raise _not_found(response_id, param)  # ``store: false``: not kept to be read
@@ -154,6 +223,31 @@ def _items(given: Any, response_id: str) -> list[dict[str, Any]]:
         item.setdefault("id", f"msg_{response_id}_{n}")
         items.append(item)
     return items
+
+
+def _frames(text: str) -> list[tuple[int | None, str]]:
+    """The SSE frames of ``text`` with each one's sequence number (None for one without)."""
+    out: list[tuple[int | None, str]] = []
+    for frame in text.split("\n\n"):
+        if not frame.strip():
+            continue
+        number = None
+        for line in frame.split("\n"):
+            if line.startswith("data:"):
+                try:
+                    number = json.loads(line[5:]).get("sequence_number")
+                except (ValueError, AttributeError):
+                    number = None
+        out.append((number if isinstance(number, int) else None, frame + "\n\n"))
+    return out
+
+
+def _error_frame(event: Error, number: int) -> str:
+    """How a response's stream ends when its job did not complete: OpenAI's ``error`` event."""
+    exc = error_from(event.code, event.message, retriable=event.retriable, param=event.param)
+    data: dict[str, Any] = {"type": "error", "code": exc.code, "message": exc.message}
+    data.update(param=exc.param, sequence_number=number)
+    return f"event: error\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
 
 
 def _not_found(response_id: str, param: str = "response_id") -> RbeeError:
