@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -61,7 +62,7 @@ class Api:
         self.board = Board(config, jobs.registry)
         self.openai = OpenAi(self.jobs).routes()
         self.shapes = openai_shapes()
-        self._openapi: asyncio.Future[dict[str, Any]] | None = None
+        self._openapi: asyncio.Future[bytes] | None = None
 
     def routes(self) -> list[BaseRoute]:
         """Every route; who may call them is decided before (``serve_app.server.guards``).
@@ -100,10 +101,14 @@ class Api:
         """This document: every route, made from the routes and the models that read them
         (``serve_app.server.openapi``)."""
         if self._openapi is None:  # once, in a thread: vLLM's models take seconds to import
-            self._openapi = asyncio.ensure_future(
-                asyncio.to_thread(openapi.document, self.routes(), self.shapes)
-            )
-        return JSONResponse(await asyncio.shield(self._openapi))
+            self._openapi = asyncio.ensure_future(asyncio.to_thread(self._openapi_json))
+        body = await asyncio.shield(self._openapi)
+        return Response(body, media_type="application/json")
+
+    def _openapi_json(self) -> bytes:
+        """The document, written once (it is large: vLLM's request models spelled out)."""
+        document = openapi.document(self.routes(), self.shapes)
+        return json.dumps(document, separators=(",", ":")).encode()
 
     async def submit(self, request: Request) -> Response:
         job_id = await self.jobs.submit(request, await self.jobs.read_json(request))

@@ -95,6 +95,7 @@ class OpenAi:
         self._jobs = jobs
         self._routes = direct.Routes(jobs.registry)
         self._stored = StoredResponses(jobs)
+        self._scrape: tuple[float, asyncio.Future[str]] | None = None
 
     def routes(self) -> list[Route]:
         answered: list[tuple[str, list[str], Handler]] = [
@@ -144,11 +145,23 @@ class OpenAi:
 
     async def metrics(self, request: Request) -> Response:
         """Prometheus text: rbee's series (as Ray exports them, from every node) and each
-        engine's ``vllm:*`` series, labelled by model and worker."""
+        engine's ``vllm:*`` series, labelled by model and worker. Gathered at most once per
+        ``METRICS_FRESH_S`` (a scrape asks every node and worker; those that come meanwhile
+        share it)."""
+        now = time.monotonic()
+        if self._scrape is None or now - self._scrape[0] > METRICS_FRESH_S:
+            self._scrape = now, asyncio.ensure_future(self._gather_metrics())
+        try:
+            text = await asyncio.shield(self._scrape[1])
+        except Exception:
+            self._scrape = None  # the next scrape tries again
+            raise
+        return Response(text, media_type=prometheus.CONTENT_TYPE)
+
+    async def _gather_metrics(self) -> str:
         names = [name for names in (await self._jobs.registry.routes()).values() for name in names]
         texts = await asyncio.gather(_ray_series(), *(_engine_series(name) for name in names))
-        text = prometheus.merged(texts, keep=("ray_rbee_", "vllm:"))
-        return Response(text, media_type=prometheus.CONTENT_TYPE)
+        return prometheus.merged(texts, keep=("ray_rbee_", "vllm:"))
 
     async def _run(self, request: Request, api: Api, shape: Shape) -> Response:
         body = await self._jobs.read_json(request)
@@ -466,6 +479,7 @@ class _AnswerResponse(StreamingResponse):
 
 
 _METRICS_WAIT_S = 5.0
+METRICS_FRESH_S = 2.0  #: how long one gathering of ``/metrics`` answers
 
 
 async def _engine_series(name: str) -> str:
