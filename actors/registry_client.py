@@ -83,13 +83,15 @@ class Registry:
             self._sending = asyncio.get_running_loop().call_later(MAIL_S, self.send)
 
     def send(self) -> None:
-        """Send what is queued now."""
+        """Send what is queued now. The call belongs to no request: Ray cancels the calls a
+        request made along with it (a client that leaves after its answer, say), and the
+        mail holds other requests' jobs too (sent in a context of its own, as a cancel is)."""
         if self._sending is not None:
             self._sending.cancel()
             self._sending = None
         if self._mail:
             mail, self._mail = self._mail, []
-            self.handle.mail.remote(mail)
+            contextvars.Context().run(self.handle.mail.remote, mail)
 
     def actor_gone(self, actor: str) -> None:
         self.send()
