@@ -31,6 +31,24 @@ def _idle(api: httpx.Client, worker: dict[str, Any]) -> bool:
     return bool(mine[0]["unfinished_requests"] == 0)
 
 
+def _follow(stream: Any) -> tuple[list[str], threading.Event]:
+    """The types of a stream's events as a thread reads them (``error`` if it raises), and
+    an event set once it has ended."""
+    seen: list[str] = []
+    ended = threading.Event()
+
+    def read() -> None:
+        try:
+            for event in stream:
+                seen.append(event.type)
+        except openai.APIError:
+            seen.append("error")
+        ended.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return seen, ended
+
+
 def test_a_response_is_a_job_and_is_read_back(api, client, worker):
     raw = client.responses.with_raw_response.create(model=worker["model"], input=STORY, max_output_tokens=16)
     response = raw.parse()
@@ -85,18 +103,7 @@ def test_a_response_not_stored_is_not_read_back(client, worker):
 def test_a_response_cancelled_by_id_stops_and_reads_cancelled(api, client, worker):
     stream = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=1500, stream=True)
     response_id = stream.response.headers["x-job-id"]
-    seen: list[str] = []
-    ended = threading.Event()
-
-    def read() -> None:
-        try:
-            for event in stream:
-                seen.append(event.type)
-        except openai.APIError:
-            seen.append("raised")
-        ended.set()
-
-    threading.Thread(target=read, daemon=True).start()
+    seen, ended = _follow(stream)
     wait_for(lambda: "response.output_text.delta" in seen, timeout=30)
     cancelled = client.responses.cancel(response_id)
     assert cancelled.id == response_id and cancelled.status == "cancelled"
@@ -245,18 +252,7 @@ def test_a_background_stream_left_midway_runs_on_and_a_cancel_stops_it(api, clie
     assert wait_state(api, left, "completed", timeout=60)["state"] == "completed"  # it ran on
 
     long = client.responses.create(model=worker["model"], input=STORY, max_output_tokens=1500, background=True)
-    seen: list[str] = []
-    ended = threading.Event()
-
-    def follow() -> None:
-        try:
-            for event in client.responses.retrieve(long.id, stream=True):
-                seen.append(event.type)
-        except openai.APIError:
-            seen.append("error")
-        ended.set()
-
-    threading.Thread(target=follow, daemon=True).start()
+    seen, ended = _follow(client.responses.retrieve(long.id, stream=True))
     wait_for(lambda: "response.output_text.delta" in seen, timeout=30)
     assert client.responses.cancel(long.id).status == "cancelled"
     assert ended.wait(10), "the followed stream did not end after the cancel"

@@ -190,10 +190,7 @@ class OpenAi:
         shape: Shape,
         previous: dict[str, Any] | None = None,
     ) -> Response:
-        call: dict[str, Any] = {"api": api, "request": body}
-        if previous is not None:
-            call["previous"] = previous
-        op = {"operation": "infer", "model": model, "openai": call}
+        op = _infer(api, body, model, previous)
         route = await self._routes.pick(model)
         if route is not None:
             answered = await self._direct(request, op, route, shape)
@@ -230,10 +227,7 @@ class OpenAi:
         if body.get("store") is False:  # (as vLLM and OpenAI refuse it)
             message = "background: a background response is stored: not with store false"
             raise InvalidRequest(message, param="background")
-        call: dict[str, Any] = {"api": "responses", "request": body}
-        if previous is not None:
-            call["previous"] = previous
-        op = {"operation": "infer", "model": model, "openai": call}
+        op = _infer("responses", body, model, previous)
         job_id = request.state.job_id = await self._submit(request, op)
         if body.get("stream") is True:
             return self._stored.events(job_id)
@@ -326,6 +320,17 @@ class OpenAi:
     def _cancel_submitted(self, submitted: asyncio.Future[str]) -> None:
         if not submitted.cancelled() and submitted.exception() is None:
             self._jobs.registry.cancel_soon(submitted.result())
+
+
+def _infer(
+    api: Api, body: dict[str, Any], model: str, previous: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The ``infer`` job of a request to one of these routes (a response going on from
+    ``previous`` carries it)."""
+    call: dict[str, Any] = {"api": api, "request": body}
+    if previous is not None:
+        call["previous"] = previous
+    return {"operation": "infer", "model": model, "openai": call}
 
 
 async def _first_answer(events: AsyncGenerator[list[Item], None]) -> list[Item]:

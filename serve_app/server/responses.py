@@ -226,19 +226,22 @@ def _items(given: Any, response_id: str) -> list[dict[str, Any]]:
 
 
 def _frames(text: str) -> list[tuple[int | None, str]]:
-    """The SSE frames of ``text`` with each one's sequence number (None for one without)."""
+    """The SSE frames of ``text`` (read as every SSE is here, ``serve_app.sse``), each with
+    its sequence number (None for one without)."""
+    parser = sse.Parser()
     out: list[tuple[int | None, str]] = []
-    for frame in text.split("\n\n"):
-        if not frame.strip():
+    for line in text.split("\n"):
+        frame = parser.feed(line)
+        if frame is None:
             continue
-        number = None
-        for line in frame.split("\n"):
-            if line.startswith("data:"):
-                try:
-                    number = json.loads(line[5:]).get("sequence_number")
-                except (ValueError, AttributeError):
-                    number = None
-        out.append((number if isinstance(number, int) else None, frame + "\n\n"))
+        try:
+            number = json.loads(frame.data).get("sequence_number")
+        except (ValueError, AttributeError):
+            number = None
+        written = (
+            f"event: {frame.kind}\ndata: {frame.data}\n\n" if frame.kind else sse.data(frame.data)
+        )
+        out.append((number if isinstance(number, int) else None, written))
     return out
 
 
