@@ -6,9 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import suppress
 from pathlib import Path
+
+#: how long processes sent SIGKILL get to exit before their resource trackers are ended
+SERVED_EXIT_S = 10.0
 
 
 def proc_stat(pid: int) -> tuple[int, str, str] | None:
@@ -101,14 +104,15 @@ class Leftovers:
     def alive(self) -> list[int]:
         return [pid for pid, started in self.processes.items() if running(pid, started)]
 
-    def kill(self, tracker_grace_s: float = 1.0) -> list[int]:
+    def kill(self, tracker_grace_s: float = 2.0) -> list[int]:
         """SIGKILL what is still alive of the tree, Python's resource trackers last (given
         ``tracker_grace_s`` to remove the semaphores the others left); the pids signalled."""
         alive = self.alive()
         trackers = [pid for pid in alive if is_resource_tracker(pid)]
-        killed = _kill([pid for pid in alive if pid not in trackers])
+        others = [pid for pid in alive if pid not in trackers]
+        killed = _kill(others)
         return killed + end_trackers(
-            trackers, lambda pid: running(pid, self.processes[pid]), tracker_grace_s
+            trackers, lambda pid: running(pid, self.processes[pid]), others, tracker_grace_s
         )
 
     def remove_segments(self) -> list[Path]:
@@ -117,10 +121,18 @@ class Leftovers:
 
 
 def end_trackers(
-    trackers: list[int], alive: Callable[[int], bool], grace_s: float = 1.0
+    trackers: list[int],
+    alive: Callable[[int], bool],
+    served: Sequence[int] = (),
+    grace_s: float = 2.0,
 ) -> list[int]:
-    """Give resource trackers ``grace_s`` to remove their semaphores and exit once the
-    processes they serve are gone, then SIGKILL those still ``alive``; the pids signalled."""
+    """End resource trackers once the processes they ``served`` (signalled already) are gone:
+    a tracker removes their semaphores when the last of them has exited, and a big process
+    takes seconds to exit after its SIGKILL on a busy machine. Those still ``alive``
+    ``grace_s`` after that get a SIGKILL; the pids signalled."""
+    deadline = time.monotonic() + SERVED_EXIT_S
+    while any(alive(pid) for pid in served) and time.monotonic() < deadline:
+        time.sleep(0.05)
     deadline = time.monotonic() + grace_s
     while (trackers := [pid for pid in trackers if alive(pid)]) and time.monotonic() < deadline:
         time.sleep(0.05)

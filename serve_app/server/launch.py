@@ -394,7 +394,8 @@ class _Leftovers:
             while (alive := [p for p in alive if self._alive(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
                 self.scan()
-        end_trackers(trackers, self._alive)
+        if killed := end_trackers(trackers, self._alive, alive):
+            log.warning("killed %d resource trackers that had not finished", len(killed))
         removed = [path for path in sorted(self._segments) if unlink(path)]
         if removed:
             log.info("removed %d shared-memory segments left in /dev/shm", len(removed))
