@@ -232,6 +232,7 @@ def test_a_background_response_runs_on_its_own_and_its_stream_replays(api, clien
     numbers = [e.sequence_number for e in events]
     assert numbers == list(range(len(numbers))) and len(numbers) > 10
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
+    assert all(e.response.background is True for e in events if hasattr(e, "response"))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == done.output_text == events[-1].response.output_text
 

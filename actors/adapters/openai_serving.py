@@ -217,7 +217,7 @@ class OpenAiServing:
         try:
             if api == "responses":
                 summarize = functools.partial(_summary, api=api, model=self.model)
-                events = responses.stream(answer, self.model, summarize)
+                events = responses.stream(answer, self.model, summarize, background=background)
             elif api in ANTHROPIC:
                 events = _anthropic_stream(answer, self.model)
             else:
@@ -227,8 +227,6 @@ class OpenAiServing:
                 async for event in events:
                     if isinstance(event, Result):
                         event = Result({**event.value, **self._kept(api, body, job_id)})
-                        if background and isinstance(event.value.get("response"), dict):
-                            event.value["response"]["background"] = True
                     yield event
         finally:
             await answer.aclose()

@@ -87,15 +87,23 @@ def frame(event: Any) -> tuple[str, str]:
 
 
 async def stream(
-    answer: AsyncGenerator[Any, None], model: str, summary: Callable[..., dict[str, Any]]
+    answer: AsyncGenerator[Any, None],
+    model: str,
+    summary: Callable[..., dict[str, Any]],
+    *,
+    background: bool = False,
 ) -> AsyncGenerator[Event, None]:
     """vLLM's Responses events as tokens: each text delta is one (its ``wire`` also holds the
     events before it that carry none); the events after the last are the tail, and the
-    response the last one (``response.completed``) holds is the result's ``response``."""
+    response the last one (``response.completed``) holds is the result's ``response``.
+    ``background``: the response the events carry says so (vLLM streams it as a foreground
+    one, for rbee's job runs it)."""
     held: list[str] = []
     text: list[str] = []
     response: dict[str, Any] | None = None
     async for event in answer:
+        if background and getattr(event, "response", None) is not None:
+            event.response.background = True
         kind, wire = frame(event)
         if kind == "error":
             raise InternalError(str(getattr(event, "message", None) or "the engine failed"))
