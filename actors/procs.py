@@ -67,6 +67,21 @@ def shared_memory(pid: int) -> set[Path]:
     return found
 
 
+def unmapped(paths: set[Path]) -> set[Path]:
+    """Those of ``paths`` that exist and no running process maps: left behind (another
+    program's live segments are mapped by their owners)."""
+    paths = {path for path in paths if path.exists()}
+    for pid in _pids() if paths else ():
+        paths -= shared_memory(pid)
+    return paths
+
+
+def _pids() -> list[int]:
+    with suppress(OSError), os.scandir("/proc") as entries:
+        return [int(entry.name) for entry in entries if entry.name.isdigit()]
+    return []
+
+
 def unlink(path: Path) -> bool:
     try:
         path.unlink()

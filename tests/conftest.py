@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from actors.procs import unmapped
 from tests.fakehub import FakeHub
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -107,10 +108,11 @@ def hive(
 def _leftovers() -> Iterator[None]:
     """Engines are shut down with their hive or server; one killed on purpose can leave
     vLLM's shared-memory segments and multiprocessing's semaphores behind. Once every
-    process of the session is gone, the ones it made are removed, and its scratch folder."""
+    process of the session is gone, those made meanwhile that no process maps are removed
+    (another program's, mapped by it, stay), and the session's scratch folder."""
     before = _shm_files()
     yield
-    for path in _shm_files() - before:
+    for path in unmapped(_shm_files() - before):
         path.unlink(missing_ok=True)
     shutil.rmtree(_SESSION_TMP, ignore_errors=True)
 

@@ -25,7 +25,7 @@ import pytest
 from actors.adapters.cache import RepoLayout
 from actors.core.store import JobStore
 from actors.core.table import JobState
-from actors.procs import shared_memory
+from actors.procs import shared_memory, unmapped
 from tests.helpers import submit, wait_for, wait_state
 from tests.servers import Served, alive, serving
 
@@ -69,11 +69,7 @@ def _semaphores() -> set[Path]:
 def _left_semaphores(before: set[Path]) -> set[Path]:
     """The semaphores made since ``before`` that no running process holds: left behind. (Other
     servers on the machine, the session's among them, make and remove their own meanwhile.)"""
-    new = _semaphores() - before
-    if not new:
-        return new
-    held = {path for pid in psutil.pids() for path in shared_memory(pid)}
-    return {path for path in new if path not in held and path.exists()}
+    return unmapped(_semaphores() - before)
 
 
 def _hub_that_never_answers() -> socket.socket:
