@@ -111,10 +111,19 @@ def outside_address() -> str | None:
     return None
 
 
-def pid_of(actor_name: str) -> int:
-    """The pid of the alive actor of that name (to ``kill -9`` it)."""
+def alive_actors(**match: str) -> list[Any]:
+    """The alive actors of the Ray this process is connected to (Ray's state API on its own
+    finds every Ray on the machine, and refuses to choose when there are two)."""
+    import ray
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("name", "=", actor_name), ("state", "=", "ALIVE")])
+    filters = [("state", "=", "ALIVE"), *((key, "=", value) for key, value in match.items())]
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
+    return list(list_actors(address=address, filters=filters))
+
+
+def pid_of(actor_name: str) -> int:
+    """The pid of the alive actor of that name (to ``kill -9`` it)."""
+    alive = alive_actors(name=actor_name)
     assert len(alive) == 1, alive
     return int(alive[0].pid)

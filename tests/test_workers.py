@@ -12,7 +12,7 @@ import ray
 
 from actors.naming import NAMESPACE, worker_name
 from actors.procs import Leftovers
-from tests.helpers import pid_of, read_sse, submit, wait_for, wait_state
+from tests.helpers import alive_actors, pid_of, read_sse, submit, wait_for, wait_state
 
 pytest.importorskip("vllm")
 
@@ -148,14 +148,12 @@ def test_a_killed_hive_takes_back_its_ready_workers_and_stops_loading_ones(api, 
     import os
     import signal
 
-    from ray.util.state import list_actors
-
     ready = {w["worker_id"] for w in _workers(api) if w["state"] == "ready"}
     assert worker["worker_id"] in ready
     spawn = {"operation": "worker_spawn", "model": tiny_model, "device": "cpu", "worker_id": "w-halfway"}
     job_id = submit(api, spawn)
     wait_for(lambda: not _gone(worker_name("w-halfway")), timeout=60, interval=0.5)
-    hives = [a.name for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.name.startswith("rbee:hive:")]
+    hives = [a.name for a in alive_actors() if a.name.startswith("rbee:hive:")]
     assert len(hives) == 1, hives
     os.kill(pid_of(hives[0]), signal.SIGKILL)
 
