@@ -8,7 +8,7 @@ against one running server and the embedded SmolLM2 (SPEC §10): vLLM's own (``p
 vllm.entrypoints.openai.api_server``, the control), then ``rbee serve``. Two changes make
 them run against a server that is already up, the same for both:
 
-- ``vllm_suite_plugin`` replaces their ``RemoteOpenAIServer``: it starts nothing and points
+- ``_vllm_suite_plugin`` replaces their ``RemoteOpenAIServer``: it starts nothing and points
   their clients at the running server. Server arguments a test asks for are not applied (a
   test that needs one fails on the control too, and is not counted).
 - Each file's ``MODEL_NAME`` is rewritten to the served model's id, and its tokenizer is read
@@ -243,7 +243,7 @@ def _pytest(run: Run, suite: Path, targets: list[str], port: int, cache: Path, d
     env = {**os.environ, "SUITE_URL": f"http://127.0.0.1:{port}", "HF_HUB_CACHE": str(cache),
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), str(deps)])}  # fmt: skip
-    cmd = [sys.executable, "-m", "pytest", "-p", "vllm_suite_plugin", "-p", "no:cacheprovider",
+    cmd = [sys.executable, "-m", "pytest", "-p", "_vllm_suite_plugin", "-p", "no:cacheprovider",
            "-q", "-o", "asyncio_mode=auto", f"--timeout={run.args.timeout_s}",
            f"--junitxml={report}", *targets]  # fmt: skip
     with _logfile(run, f"{name}-pytest").open("wb") as out:

@@ -1,7 +1,7 @@
 """A pytest plugin for vLLM's own test suite (``bench/vllm_suite.py``): its
 ``RemoteOpenAIServer`` starts no server but points at the one running at ``$SUITE_URL``.
 
-Loaded with ``-p vllm_suite_plugin`` before vLLM's tests are imported, so their
+Loaded with ``-p _vllm_suite_plugin`` before vLLM's tests are imported, so their
 ``from tests.utils import RemoteOpenAIServer`` reads this one. A test's server arguments are
 kept on the object (``args``) but not applied: both servers run with the same settings.
 """
