@@ -26,10 +26,9 @@ def proc_stat(pid: int) -> tuple[int, str, str] | None:
 
 def process_tree() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
-    with suppress(OSError), os.scandir("/proc") as entries:
-        for entry in entries:
-            if entry.name.isdigit() and (stat := proc_stat(int(entry.name))) is not None:
-                tree.setdefault(stat[0], []).append(int(entry.name))
+    for pid in _pids():
+        if (stat := proc_stat(pid)) is not None:
+            tree.setdefault(stat[0], []).append(pid)
     return tree
 
 
